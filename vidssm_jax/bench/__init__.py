@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m vidssm_jax.bench.<name>`; each prints a table."""

@@ -1,0 +1,1 @@
+"""Small linen modules shared by the models."""
