@@ -1,0 +1,110 @@
+"""MambaMixer / BiMambaMixer: initialisation as SPEC §1, streaming equals whole, causality."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from vidssm_jax.nn.mamba import BiMambaMixer, MambaMixer
+
+DIM, L = 24, 13
+
+
+@pytest.fixture(scope="module")
+def mixer_and_vars():
+  m = MambaMixer(dim=DIM, n_layers=9)
+  x = jax.random.normal(jax.random.key(0), (2, L, DIM))
+  return m, m.init(jax.random.key(1), x), x
+
+
+def test_parameters_and_init_follow_spec(mixer_and_vars):
+  m, variables, _ = mixer_and_vars
+  p = nn.meta.unbox(variables)["params"]
+  d_inner, n, r = 2 * DIM, 16, math.ceil(DIM / 16)
+  assert p["in_proj"]["kernel"].shape == (DIM, 2 * d_inner)
+  assert p["ssm"]["x_proj"]["kernel"].shape == (d_inner, r + 2 * n)
+  assert p["ssm"]["conv_weight"].shape == (4, d_inner)
+  np.testing.assert_allclose(p["ssm"]["A_log"], np.log(np.tile(np.arange(1, n + 1), (d_inner, 1))),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(p["ssm"]["D"], np.ones(d_inner))
+  dt = jax.nn.softplus(p["ssm"]["dt_bias"])
+  assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 1e-1 * 1.001
+  assert float(jnp.abs(p["ssm"]["dt_proj_kernel"]).max()) <= r**-0.5
+  # out_proj ~ U(±1/sqrt(fan_in)) / sqrt(n_layers): its bound shrinks by 3 for 9 layers.
+  assert float(jnp.abs(p["out_proj"]["kernel"]).max()) <= d_inner**-0.5 / 3 + 1e-7
+  assert float(jnp.abs(p["in_proj"]["kernel"]).max()) > d_inner**-0.5 / 3  # not scaled
+
+
+def test_parameters_carry_logical_axis_names(mixer_and_vars):
+  _, variables, _ = mixer_and_vars
+  boxed = variables["params"]
+  assert boxed["in_proj"]["kernel"].names == ("embed", "mlp")
+  assert boxed["out_proj"]["kernel"].names == ("mlp", "embed")
+  assert boxed["ssm"]["A_log"].names == ("mlp", "state")
+
+
+def test_token_by_token_and_halves_equal_whole(mixer_and_vars):
+  m, variables, x = mixer_and_vars
+  whole = m.apply(variables, x)
+  cache = m.init_cache(2)
+  ys = []
+  for t in range(L):
+    y_t, cache = m.apply(variables, x[:, t], cache, method="step")
+    ys.append(y_t)
+  assert rel_err(jnp.stack(ys, 1), whole) <= 1e-5
+  stepped = cache
+  y1, cache = m.apply(variables, x[:, :6], m.init_cache(2), method="forward_chunk")
+  y2, halves = m.apply(variables, x[:, 6:], cache, method="forward_chunk")
+  assert rel_err(jnp.concatenate([y1, y2], 1), whole) <= 1e-5
+  # The state after the two halves is the state after stepping through every token.
+  assert rel_err(halves["ssm"], stepped["ssm"]) <= 1e-5
+  assert rel_err(halves["conv"], stepped["conv"]) <= 1e-6
+
+
+def test_mixer_is_causal_and_bimixer_is_not():
+  x = jax.random.normal(jax.random.key(2), (1, 9, DIM))
+  x2 = x.at[:, 6].add(1.0)  # change token 6 only
+  uni = MambaMixer(dim=DIM)
+  bi = BiMambaMixer(dim=DIM)
+  vu, vb = uni.init(jax.random.key(3), x), bi.init(jax.random.key(3), x)
+  du = jnp.abs(uni.apply(vu, x) - uni.apply(vu, x2)).max(-1)[0]
+  db = jnp.abs(bi.apply(vb, x) - bi.apply(vb, x2)).max(-1)[0]
+  assert float(du[:6].max()) == 0.0 and float(du[6:].min()) > 0
+  assert float(db[:6].min()) > 0  # the backward branch carries token 6 to earlier positions
+
+
+def test_bimixer_equals_two_directions_summed():
+  """With the backward branch's parameters set to the forward's, the output is
+  out_proj(y(x) + flip(y(flip(x)))) computed from a unidirectional mixer."""
+  x = jax.random.normal(jax.random.key(4), (2, 8, DIM))
+  bi = BiMambaMixer(dim=DIM)
+  pb = nn.meta.unbox(bi.init(jax.random.key(5), x))["params"]
+  pb = {**pb, "ssm_b": pb["ssm"]}
+  uni = MambaMixer(dim=DIM)
+  pu = {k: pb[k] for k in ("in_proj", "out_proj", "ssm")}
+  # Same branch on the flipped sequence; the shared in/out projections are linear, so
+  # out_proj(y_f + flip y_b) = uni(x) + uni(flip x) flipped.
+  expected = uni.apply({"params": pu}, x) + jnp.flip(uni.apply({"params": pu}, jnp.flip(x, 1)), 1)
+  assert rel_err(bi.apply({"params": pb}, x), expected) <= 1e-5
+  half = BiMambaMixer(dim=DIM, divide_out=True).apply({"params": pb}, x)
+  assert rel_err(half, expected / 2) <= 1e-5
+
+
+def test_bfloat16_compute_is_close_to_float32(mixer_and_vars):
+  m, variables, x = mixer_and_vars
+  y32 = m.apply(variables, x)
+  y16 = MambaMixer(dim=DIM, n_layers=9, dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  assert rel_err(y16, y32) <= 3e-2
+
+
+def test_bad_input_and_cache(mixer_and_vars):
+  m, variables, x = mixer_and_vars
+  with pytest.raises(ValueError, match=r"input has shape \(2, 13, 7\), expected \(batch, length, dim\) with dim = 24"):
+    m.apply(variables, jnp.zeros((2, L, 7)))
+  with pytest.raises(ValueError, match=r"cache\['conv'\] has shape \(3, 3, 48\), expected \(2, 3, 48\)"):
+    m.apply(variables, x[:, 0], m.init_cache(3), method="step")

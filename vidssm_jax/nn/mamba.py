@@ -1,0 +1,235 @@
+"""Mamba v1 mixers (SPEC §1): ``MambaMixer`` (causal, streams) and ``BiMambaMixer`` (Vim v2).
+
+Data flow of one direction, for ``x: (b, l, dim)`` and ``D_inner = expand * dim``:
+
+    in_proj:   dim -> 2 D_inner          (x, z; no bias)
+    conv1d:    depthwise causal, k = d_conv, with bias, then silu
+    x_proj:    D_inner -> dt_rank + 2 N  (dt, B, C; no bias)
+    dt_proj:   dt_rank -> D_inner        (its bias is the scan's delta_bias, softplus after)
+    scan:      selective_scan(x, dt, A = -exp(A_log), B, C, D, z)
+    out_proj:  D_inner -> dim            (no bias)
+
+The bidirectional mixer shares ``in_proj`` and ``out_proj``; a second branch with its own
+conv, x_proj, dt_proj, A_log and D runs on the flipped sequence, and the two outputs are summed
+(halved with ``divide_out``) before ``out_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vidssm_jax.nn.layers import partitioned
+from vidssm_jax.ops import causal_conv1d, causal_conv1d_step, selective_scan, selective_scan_step
+
+Array = jax.Array
+Dtype = Any
+
+
+def torch_linear_init(scale: float = 1.0):
+  """PyTorch's default Linear/Conv init, U(±1/sqrt(fan_in)), times ``scale``."""
+  return nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
+
+
+def symmetric_uniform(bound: float):
+  """U(-bound, bound)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
+  """softplus⁻¹(dt) with dt = exp(U(log dt_min, log dt_max)) clamped below at dt_floor."""
+
+  def init(key, shape, dtype=jnp.float32):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, dt_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+  return init
+
+
+def a_log_init(key, shape, dtype=jnp.float32):
+  """S4D-real: A_log[d, n] = log(n + 1)."""
+  del key
+  return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
+
+
+class SSMBranch(nn.Module):
+  """One scan direction: conv1d → silu → x_proj → dt_proj → selective scan (with z gate).
+
+  ``x, z: (b, l, D_inner) -> y: (b, l, D_inner)``.
+  """
+
+  d_inner: int
+  d_state: int = 16
+  d_conv: int = 4
+  dt_rank: int = 1
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dt_init_floor: float = 1e-4
+  dtype: Dtype = jnp.float32
+  scan_backend: str = "auto"
+
+  def setup(self):
+    d, n, r, k = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+    self.conv_weight = self.param(
+        "conv_weight", partitioned(symmetric_uniform(k**-0.5), "conv", "mlp"), (k, d))
+    self.conv_bias = self.param(
+        "conv_bias", partitioned(symmetric_uniform(k**-0.5), "mlp"), (d,))
+    self.x_proj = nn.Dense(r + 2 * n, use_bias=False, dtype=self.dtype, name="x_proj",
+                           kernel_init=partitioned(torch_linear_init(), "mlp", None))
+    self.dt_proj_kernel = self.param(
+        "dt_proj_kernel",
+        partitioned(symmetric_uniform(r**-0.5), "rank", "mlp"), (r, d))
+    self.dt_bias = self.param(
+        "dt_bias", partitioned(dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor), "mlp"),
+        (d,))
+    self.A_log = self.param("A_log", partitioned(a_log_init, "mlp", "state"), (d, n))
+    self.D = self.param("D", partitioned(nn.initializers.ones, "mlp"), (d,))
+
+  def _ssm_inputs(self, x):
+    """x: (..., D_inner) after the conv -> dt (..., D_inner), B, C (..., N)."""
+    r, n = self.dt_rank, self.d_state
+    x_dbl = self.x_proj(x)
+    dt, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+    return dt @ self.dt_proj_kernel.astype(self.dtype), B, C
+
+  def __call__(self, x: Array, z: Array, conv_state=None, ssm_state=None):
+    """Returns ``(y, (conv_state, ssm_state))`` after the sequence; states may start as None."""
+    x, conv_state = causal_conv1d(x, self.conv_weight, self.conv_bias, "silu", initial_state=conv_state,
+                                  return_final_state=True)
+    dt, B, C = self._ssm_inputs(x)
+    y, ssm_state = selective_scan(
+        x, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, delta_softplus=True,
+        initial_state=ssm_state, return_final_state=True, backend=self.scan_backend)
+    return y, (conv_state, ssm_state)
+
+  def step(self, x_t: Array, z_t: Array, conv_state: Array, ssm_state: Array):
+    """One token: ``x_t, z_t: (b, D_inner)``; returns ``(y_t, (conv_state, ssm_state))``."""
+    x_t, conv_state = causal_conv1d_step(conv_state, x_t, self.conv_weight, self.conv_bias, "silu")
+    dt, B, C = self._ssm_inputs(x_t)
+    y_t, ssm_state = selective_scan_step(
+        ssm_state, x_t, dt, -jnp.exp(self.A_log), B, C, self.D, z_t, self.dt_bias,
+        delta_softplus=True)
+    return y_t, (conv_state, ssm_state)
+
+
+class _MixerBase(nn.Module):
+  """Shared fields and projections of the two mixers."""
+
+  dim: int
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: Optional[int] = None  # default ceil(dim / 16)
+  n_layers: int = 1  # out_proj is scaled by 1/sqrt(n_layers) at init (prenorm residual rescale)
+  dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
+  scan_backend: str = "auto"
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.dim
+
+  def _branch(self, name):
+    return SSMBranch(
+        d_inner=self.d_inner, d_state=self.d_state, d_conv=self.d_conv,
+        dt_rank=self.dt_rank or math.ceil(self.dim / 16), dtype=self.dtype,
+        scan_backend=self.scan_backend, name=name)
+
+  def _projections(self):
+    in_proj = nn.Dense(2 * self.d_inner, use_bias=False, dtype=self.dtype, name="in_proj",
+                       kernel_init=partitioned(torch_linear_init(), "embed", "mlp"))
+    out_proj = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="out_proj",
+                        kernel_init=partitioned(torch_linear_init(self.n_layers**-0.5),
+                                                "mlp", "embed"))
+    return in_proj, out_proj
+
+  def _check(self, x, rank, what):
+    if x.ndim != rank or x.shape[-1] != self.dim:
+      raise ValueError(f"{type(self).__name__}: input has shape {tuple(x.shape)}, expected "
+                       f"{what} with dim = {self.dim}")
+
+
+class MambaMixer(_MixerBase):
+  """Causal Mamba v1 mixer. ``__call__``: ``(b, l, dim) -> (b, l, dim)``.
+
+  Streaming: ``init_cache(batch_size)`` gives ``{"conv": (b, d_conv-1, D_inner),
+  "ssm": (b, D_inner, N)}`` (float32); ``step(x_t, cache)`` advances one token ``(b, dim)``;
+  ``forward_chunk(x, cache)`` runs a sequence continuing from ``cache``. Running a sequence
+  token by token, or in pieces, equals running it whole.
+  """
+
+  def setup(self):
+    self.in_proj, self.out_proj = self._projections()
+    self.ssm = self._branch("ssm")
+
+  def __call__(self, x: Array) -> Array:
+    self._check(x, 3, "(batch, length, dim)")
+    x_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
+    y, _ = self.ssm(x_in, z)
+    return self.out_proj(y)
+
+  def init_cache(self, batch_size: int) -> dict:
+    return {
+        "conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), jnp.float32),
+        "ssm": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32),
+    }
+
+  def _check_cache(self, cache, batch):
+    expected = {"conv": (batch, self.d_conv - 1, self.d_inner),
+                "ssm": (batch, self.d_inner, self.d_state)}
+    for key, shape in expected.items():
+      if key not in cache or tuple(cache[key].shape) != shape:
+        got = tuple(cache[key].shape) if key in cache else "missing"
+        raise ValueError(f"MambaMixer: cache[{key!r}] has shape {got}, expected {shape} "
+                         f"(from init_cache({batch}))")
+
+  def forward_chunk(self, x: Array, cache: dict):
+    """``x: (b, l, dim)`` continuing from ``cache``; returns ``(y, cache)``."""
+    self._check(x, 3, "(batch, length, dim)")
+    self._check_cache(cache, x.shape[0])
+    x_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
+    y, (conv, ssm) = self.ssm(x_in, z, cache["conv"], cache["ssm"])
+    return self.out_proj(y), {"conv": conv.astype(jnp.float32), "ssm": ssm}
+
+  def step(self, x_t: Array, cache: dict):
+    """``x_t: (b, dim)``; returns ``(y_t, cache)``."""
+    self._check(x_t, 2, "(batch, dim)")
+    self._check_cache(cache, x_t.shape[0])
+    x_in, z = jnp.split(self.in_proj(x_t), 2, axis=-1)
+    y, (conv, ssm) = self.ssm.step(x_in, z, cache["conv"], cache["ssm"])
+    return self.out_proj(y), {"conv": conv.astype(jnp.float32), "ssm": ssm}
+
+
+class BiMambaMixer(_MixerBase):
+  """Bidirectional Mamba mixer (Vision Mamba "v2"). ``(b, l, dim) -> (b, l, dim)``.
+
+  The backward branch runs on the flipped sequence (its own conv, x_proj, dt_proj, A_log, D);
+  its output is flipped back and added to the forward output before the shared ``out_proj``.
+  ``divide_out`` halves the sum (Vision Mamba's option; EndoMamba's release sums).
+  """
+
+  divide_out: bool = False
+
+  def setup(self):
+    self.in_proj, self.out_proj = self._projections()
+    self.ssm = self._branch("ssm")
+    self.ssm_b = self._branch("ssm_b")
+
+  def __call__(self, x: Array) -> Array:
+    self._check(x, 3, "(batch, length, dim)")
+    x_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
+    y_f, _ = self.ssm(x_in, z)
+    y_b, _ = self.ssm_b(jnp.flip(x_in, 1), jnp.flip(z, 1))
+    y = y_f + jnp.flip(y_b, 1)
+    if self.divide_out:
+      y = y / 2
+    return self.out_proj(y)
