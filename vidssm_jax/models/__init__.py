@@ -1,1 +1,8 @@
-"""models"""
+"""Models: ``create_model(name, **overrides)`` builds any registered preset.
+
+Importing this package imports every model module so that their presets register.
+"""
+
+from vidssm_jax.models.registry import create_model, list_models, register
+
+__all__ = ["create_model", "list_models", "register"]
