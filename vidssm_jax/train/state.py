@@ -1,0 +1,125 @@
+"""Train state (params, optimizer state, optional EMA of params) and the optimizer from config.
+
+Optimizer: AdamW with linear warm-up then cosine decay, global-norm gradient clipping, a
+weight-decay mask that leaves out ``A_log``, ``D``, norms, biases, tokens and position
+embeddings, and (fine-tuning) layer-wise learning-rate decay.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+# Parameter names (last path component, or any component for modules) never decayed.
+_NO_DECAY_LEAVES = re.compile(r"^(A_log|D|bias|scale|dt_bias|conv_bias|.*_bias|.*token.*|pos.*|"
+                              r".*pos_embed.*|.*_embed_[lhw]|.*embedding.*)$")
+_NO_DECAY_MODULES = re.compile(r"(^|_)(norm|ln|layernorm|rmsnorm)(_|\d|$)", re.IGNORECASE)
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any  # same tree as params, or None when EMA is off
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads, *, ema_decay: float = 0.0, ema_every: int = 1):
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema = self.ema_params
+    if ema is not None:
+      # EMA of weights, updated every `ema_every` steps (E-ViM³ uses 5).
+      do = (self.step + 1) % ema_every == 0
+      ema = jax.tree.map(lambda e, p: jnp.where(do, ema_decay * e + (1 - ema_decay) * p, e),
+                         ema, params)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+
+def create_state(params, tx, *, use_ema: bool) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if use_ema else None, tx=tx)
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def decay_mask(params) -> Any:
+  """True where weight decay applies: kernels and conv weights, not the excluded kinds."""
+
+  def decays(path, _):
+    names = _path_names(path)
+    if _NO_DECAY_LEAVES.match(names[-1]):
+      return False
+    return not any(_NO_DECAY_MODULES.search(n) for n in names[:-1])
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def layer_ids(params, num_layers: int) -> Any:
+  """Layer index of each parameter for layer-wise lr decay: 0 for embeddings (anything before
+  the blocks), i + 1 for block i (a path component ending in ``_<i>``, e.g. ``blocks_3``), and
+  ``num_layers + 1`` for everything after (final norm, head)."""
+
+  def layer_of(path, _):
+    names = _path_names(path)
+    for n in names:
+      m = re.match(r"^(blocks|layers|block|layer)_(\d+)$", n)
+      if m:
+        return int(m.group(2)) + 1
+    joined = "/".join(names).lower()
+    if any(k in joined for k in ("embed", "token", "pos")):
+      return 0
+    return num_layers + 1
+
+  return jax.tree_util.tree_map_with_path(layer_of, params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update by a per-leaf constant."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(opt_config, params, total_steps: int,
+                   layer_decay: Optional[float] = None, num_layers: int = 0):
+  """AdamW from a config with fields lr, warmup_steps, weight_decay, clip_norm, b1, b2, eps.
+
+  Returns ``(tx, schedule)``.
+  """
+  warmup = min(int(opt_config.warmup_steps), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=float(opt_config.lr), warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=float(opt_config.get("min_lr", 0.0)))
+  parts = []
+  if opt_config.get("clip_norm"):
+    parts.append(optax.clip_by_global_norm(float(opt_config.clip_norm)))
+  parts.append(optax.adamw(schedule, b1=float(opt_config.get("b1", 0.9)),
+                           b2=float(opt_config.get("b2", 0.999)),
+                           eps=float(opt_config.get("eps", 1e-8)),
+                           weight_decay=float(opt_config.weight_decay),
+                           mask=decay_mask(params)))
+  if layer_decay:
+    ids = layer_ids(params, num_layers)
+    parts.append(scale_by_tree(jax.tree.map(
+        lambda i: float(layer_decay) ** (num_layers + 1 - i), ids)))
+  return optax.chain(*parts), schedule
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(flax.linen.meta.unbox(params))))
