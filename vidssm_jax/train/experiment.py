@@ -157,6 +157,26 @@ def check_config(config, stages) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def build_teacher(config, mesh, batch_size):
+  """The frozen teacher of feature alignment: a model from the registry, its params restored
+  from ``pretrain.teacher.checkpoint`` (params of a Checkpointer directory) or initialised."""
+  t = config.pretrain.teacher
+  teacher = create_model(t.name, **dict(t.get("model", {})))
+  video = example_batch(config, batch_size)
+  boxed = jax.eval_shape(lambda: teacher.init(jax.random.key(0), video)["params"])
+  shardings = tree_shardings(boxed, mesh)
+  if t.get("checkpoint"):
+    ckpt = Checkpointer(t.checkpoint, async_save=False)
+    restored = ckpt.restore_params()
+    ckpt.close()
+    params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), restored, shardings)
+  else:
+    params = jax.jit(lambda: nn.meta.unbox(teacher.init(jax.random.key(config.seed + 7),
+                                                        video)["params"]),
+                     out_shardings=shardings)()
+  return teacher, params
+
+
 def run_pretrain(config, workdir: str):
   mesh = make_mesh(config.mesh)
   p = config.pretrain
@@ -170,9 +190,16 @@ def run_pretrain(config, workdir: str):
                                 use_ema=bool(p.ema_decay))
   print(f"pretrain: {config.model_name}, {count_params(state.params):,} parameters, "
         f"mesh {dict(mesh.shape)}")
-  step = pt.make_pretrain_step(model, p.mask, ema_decay=float(p.ema_decay),
-                               ema_every=int(p.ema_every))
-  step = jit_step(step, shardings, mesh)
+  teacher, teacher_params, extra = None, None, ()
+  if p.get("teacher") and p.teacher.name:
+    teacher, teacher_params = build_teacher(config, mesh, bs)
+    extra = (jax.tree.map(lambda x: x.sharding, teacher_params),)
+  step = pt.make_pretrain_step(model, p.mask, teacher=teacher,
+                               alpha=float(p.get("teacher", {}).get("alpha", 0.0)),
+                               ema_decay=float(p.ema_decay), ema_every=int(p.ema_every))
+  step = jit_step(step, shardings, mesh, extra)
+  if teacher is not None:  # the frozen teacher's params go in as an argument, never updated
+    jitted, step = step, lambda state, batch, rng: jitted(state, batch, rng, teacher_params)
   stage_dir = os.path.join(workdir, "pretrain")
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
