@@ -1,0 +1,152 @@
+"""Training system end to end: the CLI, 1 vs 8 devices, resume after SIGKILL, the demo,
+bad-input errors, optimizer masks and the frozen teacher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVIM3 = os.path.join(REPO, "configs", "evim3.py")
+
+# A very small demo: 64 synthetic clips of 8 frames at 16 × 16, a few steps of each stage.
+TINY = [
+    "--config.data.synthetic_num=48", "--config.data.num_frames=8", "--config.data.stride=1",
+    "--config.data.image_size=16", "--config.model.num_frames=8", "--config.model.img_size=16",
+    "--config.pretrain.batch_size=8", "--config.finetune.batch_size=8",
+    "--config.log_every=1", "--config.checkpoint.async_save=False",
+]
+
+
+def run_main(args, workdir, *, devices=1, timeout=600, check=True, env_extra=None):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(env_extra or {})
+  cmd = [sys.executable, "-m", "vidssm_jax.main", f"--workdir={workdir}"] + args
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-5000:]}")
+  return proc
+
+
+def losses(stage_dir):
+  from vidssm_jax.train.loop import read_metrics
+  return {r["step"]: r["loss"] for r in read_metrics(stage_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("echo_shards"))
+
+
+def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
+  args = [f"--config={EVIM3}:demo", f"--config.data.dir={data_dir}", "--mode=pretrain",
+          "--config.pretrain.steps=5"] + TINY
+  run_main(args + ["--config.mesh.data=1"], tmp_path / "one", devices=1)
+  run_main(args + ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path / "eight", devices=8)
+  one, eight = losses(tmp_path / "one" / "pretrain"), losses(tmp_path / "eight" / "pretrain")
+  assert sorted(one) == [1, 2, 3, 4, 5] and sorted(eight) == sorted(one)
+  for step in one:
+    assert abs(one[step] - eight[step]) <= 1e-5 * abs(one[step]), (step, one[step], eight[step])
+
+
+def test_resume_after_sigkill_repeats_the_same_losses(data_dir, tmp_path):
+  args = [f"--config={EVIM3}:demo", f"--config.data.dir={data_dir}", "--mode=pretrain",
+          "--config.pretrain.steps=8", "--config.checkpoint.every=3"] + TINY
+  run_main(args, tmp_path / "straight")
+  straight = losses(tmp_path / "straight" / "pretrain")
+
+  # Start the same run, kill it hard once step 5 is logged (after the step-3 checkpoint).
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "vidssm_jax.main", f"--workdir={workdir}"] + args,
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and 5 not in losses(workdir / "pretrain"):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert 5 in losses(workdir / "pretrain"), "the run never reached step 5"
+  ckpts = os.listdir(workdir / "pretrain" / "checkpoints" / "latest")
+  assert "3" in ckpts, ckpts
+
+  run_main(args, workdir)  # resumes from step 3
+  from vidssm_jax.train.loop import read_metrics
+  records = [r for r in read_metrics(workdir / "pretrain") if "loss" in r]
+  resumed = {r["step"]: r["loss"] for r in records[[r["step"] for r in records].index(5) + 1:]}
+  assert sorted(resumed) == [4, 5, 6, 7, 8]
+  for step, loss in resumed.items():
+    assert abs(loss - straight[step]) <= 1e-5 * abs(straight[step]), (step, loss, straight[step])
+
+
+def test_demo_end_to_end_beats_the_mean_baseline(tmp_path):
+  data = tmp_path / "data"
+  proc = run_main([f"--config={EVIM3}:demo", f"--config.data.dir={data}",
+                   "--config.pretrain.steps=20", "--config.finetune.steps=250",
+                   "--config.finetune.eval_every=125", "--config.data.synthetic_num=240"],
+                  tmp_path / "demo", timeout=900)
+  result = json.load(open(tmp_path / "demo" / "metrics.json"))
+  assert "vs predict-the-mean baseline" in proc.stdout
+  assert result["test/mae"] < 0.8 * result["test/baseline_mean_mae"], result
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--config.model_name=no_such_model"], "unknown model 'no_such_model'"),
+    (["--config.finetune.task=dance"], "unknown fine-tuning task 'dance'"),
+    (["--config.pretrain.batch_size=7", "--config.mesh.data=2"], "pretrain.batch_size = 7 is not divisible"),
+    (["--config.data.synthetic=", "--config.data.dir=/nonexistent/shards"], "data.dir '/nonexistent/shards' does not exist"),
+])
+def test_bad_config_is_one_clear_line_and_writes_nothing(override, message, tmp_path):
+  workdir = tmp_path / "w"
+  proc = run_main([f"--config={EVIM3}:demo", f"--config.data.dir={tmp_path / 'd'}"] + TINY
+                  + override, workdir, check=False, devices=2)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (workdir / "pretrain").exists() and not (workdir / "finetune").exists()
+
+
+def test_unknown_config_field_is_rejected(tmp_path):
+  proc = run_main([f"--config={EVIM3}:demo", "--config.pretrain.stepz=3"], tmp_path / "w",
+                  check=False)
+  assert proc.returncode != 0 and "stepz" in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_weight_decay_mask_and_layer_ids():
+  from vidssm_jax.train.state import decay_mask, layer_ids
+  params = {
+      "encoder": {
+          "patch_embed": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)},
+          "pos_embed_l": np.zeros((4, 3)),
+          "blocks_0": {"layers_0": {"norm": {"scale": np.zeros(3)},
+                                    "mixer": {"in_proj": {"kernel": np.zeros((3, 6))},
+                                              "ssm": {"A_log": np.zeros((3, 2)), "D": np.zeros(3),
+                                                      "dt_bias": np.zeros(3),
+                                                      "conv_weight": np.zeros((4, 3))}}}},
+          "blocks_1": {"x": {"kernel": np.zeros((3, 3))}},
+          "norm_f": {"scale": np.zeros(3)},
+      },
+      "head": {"kernel": np.zeros((3, 1)), "bias": np.zeros(1)},
+  }
+  mask = decay_mask(params)
+  enc = mask["encoder"]
+  assert enc["patch_embed"]["kernel"] and not enc["patch_embed"]["bias"]
+  assert not enc["pos_embed_l"]
+  ssm = enc["blocks_0"]["layers_0"]["mixer"]["ssm"]
+  assert not ssm["A_log"] and not ssm["D"] and not ssm["dt_bias"] and ssm["conv_weight"]
+  assert not enc["blocks_0"]["layers_0"]["norm"]["scale"] and not enc["norm_f"]["scale"]
+  assert enc["blocks_0"]["layers_0"]["mixer"]["in_proj"]["kernel"] and mask["head"]["kernel"]
+  ids = layer_ids(params, num_layers=2)
+  assert ids["encoder"]["patch_embed"]["kernel"] == 0
+  assert ids["encoder"]["blocks_0"]["layers_0"]["mixer"]["in_proj"]["kernel"] == 1
+  assert ids["encoder"]["blocks_1"]["x"]["kernel"] == 2
+  assert ids["head"]["kernel"] == 3
