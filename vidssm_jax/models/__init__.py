@@ -7,4 +7,4 @@ from vidssm_jax.models.registry import create_model, list_models, register
 
 __all__ = ["create_model", "list_models", "register"]
 
-from vidssm_jax.models import endomamba  # noqa: F401,E402  (registers the presets)
+from vidssm_jax.models import endomamba, vit  # noqa: F401,E402  (registers the presets)
