@@ -144,3 +144,105 @@ def test_bad_input_raises_clear_errors(tiny):
   with pytest.raises(ValueError, match="not a multiple of patch_size"):
     create_model("endomamba_tiny", img_size=40, patch_size=16).init(
         jax.random.key(0), jnp.zeros((1, 1, 40, 40, 3)))
+
+
+# ---- pretraining -------------------------------------------------------------------------------
+
+PCFG = dict(img_size=32, patch_size=8, dim=32, depth=4)  # 4×4 patches a frame, 12 masked
+
+
+def _tube_mask(b, t, seed=0):
+  rng = np.random.default_rng(seed)
+  m = np.zeros((b, 16), bool)
+  for i in range(b):
+    m[i, rng.permutation(16)[:12]] = True
+  return jnp.asarray(np.broadcast_to(m[:, None], (b, t, 16)).reshape(b, t, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def pretrainer():
+  model = create_model("endomamba_tiny_pretrain", **PCFG, teacher_dim=48)
+  video = jax.random.normal(jax.random.key(0), (2, 2, 32, 32, 3))
+  mask = _tube_mask(2, 2)
+  teacher = jax.random.normal(jax.random.key(1), (2, 2 * 16, 48))
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(2), video, mask, teacher)
+  loss = jax.jit(functools.partial(model.apply, method="pretrain_loss", train=False))
+  return model, variables, video, mask, teacher, loss
+
+
+def test_pretrainer_params_and_loss(pretrainer):
+  model, variables, video, mask, teacher, loss_fn = pretrainer
+  params = nn.meta.unbox(variables)["params"]
+  assert set(params) == {"backbone", "decoder", "align_proj"}
+  assert params["decoder"]["embed"]["kernel"].shape == (32, 128)  # tiny: decoder width 128
+  assert params["decoder"]["head"]["kernel"].shape == (128, 8 * 8 * 3)
+  loss, aux = loss_fn(variables, video, mask, teacher, 0.25)
+  assert aux["pred"].shape == aux["target"].shape == (2, 2 * 12, 192)
+  np.testing.assert_allclose(loss, aux["loss_rec"] + 0.25 * aux["loss_align"], rtol=1e-6)
+  np.testing.assert_allclose(aux["loss_rec"], jnp.mean((aux["pred"] - aux["target"]) ** 2),
+                             rtol=1e-6)
+  assert 0 < float(aux["loss_align"]) < 2
+  # Targets: the masked patches' pixels, ImageNet normalisation undone, normalised per patch.
+  b0_masked = np.flatnonzero(np.asarray(mask[0, 0]).ravel())[0]  # first masked patch, frame 0
+  r, c = divmod(int(b0_masked), 4)
+  patch = np.asarray(video[0, 0, 8 * r:8 * r + 8, 8 * c:8 * c + 8]) * [0.229, 0.224, 0.225] + [
+      0.485, 0.456, 0.406]
+  patch = patch.ravel()
+  expected = (patch - patch.mean()) / (patch.std(ddof=1) + 1e-6)
+  np.testing.assert_allclose(aux["target"][0, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_sees_visible_tokens_only(pretrainer):
+  model, variables, video, mask, teacher, loss_fn = pretrainer
+  _, aux = loss_fn(variables, video, mask, teacher, 0.25)
+  # Scramble the masked patches' pixels: the encoder (hence the alignment) must not notice,
+  # the reconstruction targets must.
+  pix_mask = jnp.repeat(jnp.repeat(mask, 8, 2), 8, 3)[..., None]
+  scrambled = jnp.where(pix_mask, -video, video)
+  _, aux2 = loss_fn(variables, scrambled, mask, teacher, 0.25)
+  np.testing.assert_allclose(aux2["loss_align"], aux["loss_align"], rtol=1e-6)
+  np.testing.assert_allclose(aux2["pred"], aux["pred"], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(aux2["target"] - aux["target"]).max()) > 0.1
+
+
+def test_unmasked_encoder_equals_backbone():
+  model = create_model("endomamba_tiny_pretrain", **PCFG, mask_ratio=0.0)
+  video = jax.random.normal(jax.random.key(0), (1, 2, 32, 32, 3))
+  no_mask = jnp.zeros((1, 2, 4, 4), bool)
+  variables = {"params": jax.jit(model.backbone.init)(jax.random.key(1), video)["params"]}
+  feats, vis, _ = jax.jit(functools.partial(model.apply, method="encode_visible"))(
+      {"params": {"backbone": variables["params"]}}, video, no_mask)
+  whole = jax.jit(model.backbone.apply)(variables, video)
+  assert rel_err(feats, whole[:, :, 1:]) <= 1e-5
+  np.testing.assert_array_equal(vis, np.arange(16)[None])
+
+
+def test_alignment_loss_and_bad_inputs(pretrainer):
+  model, variables, video, mask, teacher, loss_fn = pretrainer
+  _, aux = loss_fn(variables, video, mask, teacher[:, :16], 0.25)  # 2-frame tubelet teacher
+  assert 0 < float(aux["loss_align"]) < 2
+  _, aux = loss_fn(variables, video, mask, None, 0.25)
+  assert float(aux["loss_align"]) == 0.0
+  with pytest.raises(ValueError, match="expected t·n = 32"):
+    model.apply(variables, video, mask, teacher[:, :20], method="pretrain_loss")
+  with pytest.raises(ValueError, match="must be a tube mask"):
+    model.apply(variables, video, mask.at[0, 1].set(~mask[0, 1]), method="pretrain_loss")
+  extra = np.array(mask)
+  extra[0, :, *np.argwhere(~extra[0, 0])[0]] = True  # one more masked patch in example 0
+  with pytest.raises(ValueError, match=r"hides \[13, 12\] patches per frame, expected .* = 12"):
+    model.apply(variables, video, jnp.asarray(extra), method="pretrain_loss")
+  with pytest.raises(ValueError, match=r"expected bool \(batch, time, grid, grid\)"):
+    model.apply(variables, video, mask.astype(jnp.int32), method="pretrain_loss")
+
+
+def test_pretrain_gradients_reach_every_part(pretrainer):
+  model, variables, video, mask, teacher, _ = pretrainer
+  def loss(params):
+    return model.apply({"params": params}, video, mask, teacher, 0.25, method="pretrain_loss",
+                       train=False)[0]
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  grads = nn.meta.unbox(grads)
+  for part in ("backbone", "decoder", "align_proj"):
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads[part]))))
+    assert np.isfinite(norm) and norm > 0, part

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vidssm_jax.models.registry import register
 from vidssm_jax.nn.layers import RMSNorm, ResidualBlock, partitioned
@@ -318,3 +319,227 @@ def endomamba_small(**overrides) -> nn.Module:
 def endomamba_middle(**overrides) -> nn.Module:
   """dim 576, depth 32."""
   return _build("middle", overrides)
+
+
+# ---- pretraining (SPEC §2 "Pretraining") --------------------------------------------------------
+
+
+def patchify(video: Array, patch_size: int) -> Array:
+  """``(b, t, H, W, C) -> (b, t, n, p·p·C)``, patches in raster order, pixels as ``(p, p, C)``."""
+  b, t, h, w, c = video.shape
+  p = patch_size
+  x = video.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, (h // p) * (w // p), p * p * c)
+
+
+def normalised_patch_targets(video: Array, patch_size: int) -> Array:
+  """Per-patch normalised pixel targets ``(b, t, n, p·p·C)`` float32 from an ImageNet-normalised
+  video: undo the normalisation, then ``(x - mean) / (std + 1e-6)`` within each patch (unbiased
+  std, as VideoMAE)."""
+  pixels = video.astype(jnp.float32) * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN)
+  x = patchify(pixels, patch_size)
+  mean = jnp.mean(x, -1, keepdims=True)
+  std = jnp.sqrt(jnp.var(x, -1, keepdims=True, ddof=1))
+  return (x - mean) / (std + 1e-6)
+
+
+class MAEDecoder(nn.Module):
+  """The small transformer decoder: visible tokens + mask tokens -> pixels of masked patches.
+
+  ``(x_vis (b, V, enc_dim), pos_vis (b, V), pos_mask (b, M)) -> (b, M, out_dim)`` float32, where
+  ``pos_*`` index the ``T·N`` positions of the clip (time-major).
+  """
+
+  dim: int = 192
+  depth: int = 4
+  num_heads: int = 3
+  out_dim: int = 768
+  num_positions: int = 16 * 196
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_vis: Array, pos_vis: Array, pos_mask: Array, *, train: bool = False):
+    from vidssm_jax.models.vit import ViTBlock, _layer_norm  # vit imports this module
+
+    x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="embed",
+                 kernel_init=partitioned(nn.initializers.xavier_uniform(), "embed", None))(x_vis)
+    mask_token = self.param("mask_token", partitioned(nn.initializers.truncated_normal(0.02), None),
+                            (self.dim,))
+    b, m = pos_mask.shape
+    x = jnp.concatenate([x, jnp.broadcast_to(mask_token, (b, m, self.dim)).astype(x.dtype)], 1)
+    x = x + sinusoidal_embedding(jnp.concatenate([pos_vis, pos_mask], 1), self.dim)
+    for i in range(self.depth):
+      x = ViTBlock(self.dim, self.num_heads, 4.0, True, 1e-6, 0.0, self.dtype,
+                   name=f"blocks_{i}")(x, train=train)
+    x = _layer_norm(1e-6, self.dtype, "norm")(x[:, -m:])
+    head = nn.Dense(self.out_dim, dtype=self.dtype, name="head",
+                    kernel_init=partitioned(nn.initializers.xavier_uniform(), None, None),
+                    bias_init=partitioned(nn.initializers.zeros, None))
+    return head(x).astype(jnp.float32)
+
+
+class EndoMambaPretrainer(nn.Module):
+  """VideoMAE-style pretraining of EndoMamba with tube masking and teacher feature alignment.
+
+  Params: ``backbone`` (an ``EndoMamba``, loadable as is into fine-tuning), ``decoder``
+  (``MAEDecoder``) and ``align_proj`` (only when ``teacher_dim`` differs from the backbone's
+  width). ``pretrain_loss(video, mask, teacher_features=None, alpha=0.25)`` is the entry point;
+  ``__call__`` is the same (for ``init``).
+  """
+
+  backbone: EndoMamba
+  decoder_dim: int = 192
+  decoder_depth: int = 4
+  decoder_heads: int = 3
+  mask_ratio: float = 0.75  # masked patches per frame = int(mask_ratio · n), as VideoMAE's tube mask
+  teacher_dim: Optional[int] = None  # default: the backbone's width (no projection)
+  num_frames: int = 16  # positions of the decoder's sinusoidal table are computed, any T runs
+
+  @property
+  def num_masked(self) -> int:
+    return int(self.mask_ratio * self.backbone.num_patches)
+
+  def setup(self):
+    bb = self.backbone
+    self.decoder = MAEDecoder(self.decoder_dim, self.decoder_depth, self.decoder_heads,
+                              out_dim=bb.patch_size**2 * bb.in_chans,
+                              num_positions=self.num_frames * bb.num_patches, dtype=bb.dtype)
+    if self.teacher_dim is not None and self.teacher_dim != bb.dim:
+      self.align_proj = nn.Dense(self.teacher_dim, dtype=bb.dtype,
+                                 kernel_init=partitioned(nn.initializers.xavier_uniform(),
+                                                         "embed", None),
+                                 bias_init=partitioned(nn.initializers.zeros, None))
+    else:
+      self.align_proj = None
+
+  def _check_mask(self, video, mask):
+    bb = self.backbone
+    b, t = video.shape[:2]
+    g = bb.grid_size
+    if mask.shape != (b, t, g, g) or mask.dtype != jnp.bool_:
+      raise ValueError(f"EndoMambaPretrainer: mask has shape {tuple(mask.shape)} dtype {mask.dtype},"
+                       f" expected bool (batch, time, grid, grid) = {(b, t, g, g)}")
+    if not isinstance(mask, jax.core.Tracer):  # concrete: check what jit cannot
+      m = np.asarray(mask).reshape(b, t, g * g)
+      if not (m == m[:, :1]).all():
+        raise ValueError("EndoMambaPretrainer: mask must be a tube mask (the same spatial "
+                         "positions masked in every frame)")
+      counts = m[:, 0].sum(-1)
+      if not (counts == self.num_masked).all():
+        raise ValueError(f"EndoMambaPretrainer: mask hides {counts.tolist()} patches per frame, "
+                         f"expected int(mask_ratio · {g * g}) = {self.num_masked} "
+                         f"(mask_ratio={self.mask_ratio})")
+
+  def encode_visible(self, video: Array, mask: Array, *, train: bool = False):
+    """Encoder on visible tokens only. Returns ``(features (b, t, V, dim), vis_idx (b, V),
+    mask_idx (b, M))`` with ``V + M = n`` patches per frame (cls tokens dropped from features)."""
+    bb = self.backbone
+    check_video(video, img_size=bb.img_size, in_chans=bb.in_chans, who="EndoMambaPretrainer")
+    self._check_mask(video, mask)
+    b, t = video.shape[:2]
+    n, n_cls, m_count = bb.num_patches, int(bb.use_cls_token), self.num_masked
+    order = jnp.argsort(mask[:, 0].reshape(b, n), axis=-1, stable=True)  # visible first, in order
+    vis_idx, mask_idx = order[:, : n - m_count], order[:, n - m_count:]
+    x = bb.embed(video, jnp.zeros((b,), jnp.int32))  # (b, t, n_cls + n, d)
+    vis = jnp.take_along_axis(x[:, :, n_cls:], vis_idx[:, None, :, None], axis=2)
+    x = jnp.concatenate([x[:, :, :n_cls], vis], axis=2)
+    out, _, _ = bb._blocks(x, None, train)
+    return out[:, :, n_cls:], vis_idx, mask_idx
+
+  def pretrain_loss(self, video: Array, mask: Array, teacher_features: Optional[Array] = None,
+                    alpha: float = 0.25, *, train: bool = True):
+    """``L = MSE(pred, target) on masked patches + alpha · mean(1 - cos(student, teacher))``.
+
+    Args:
+      video: ``(b, t, H, W, C)`` ImageNet-normalised.
+      mask: bool ``(b, t, H/p, W/p)``, True = masked; a tube mask with ``int(mask_ratio·n)``
+        masked patches per frame.
+      teacher_features: ``(b, t·n, teacher_dim)`` (per-frame tokens, time-major) or
+        ``(b, t/2·n, teacher_dim)`` (2-frame tubelets: compared with the student's features
+        averaged over each frame pair), or None (no alignment term).
+      alpha: weight of the alignment term.
+
+    Returns:
+      ``(loss, aux)``; aux: ``loss_rec``, ``loss_align``, ``pred`` and ``target``
+      ``(b, t·M, p·p·C)`` in the same order (frame-major, masked positions ascending).
+    """
+    bb = self.backbone
+    if teacher_features is not None:
+      self._teacher_frames(teacher_features, video.shape[0], video.shape[1])
+    feats, vis_idx, mask_idx = self.encode_visible(video, mask, train=train)
+    b, t, v, d = feats.shape
+    n = bb.num_patches
+    frame_offset = (jnp.arange(t) * n)[None, :, None]
+    pos_vis = (frame_offset + vis_idx[:, None]).reshape(b, t * v)
+    pos_mask = (frame_offset + mask_idx[:, None]).reshape(b, -1)
+    pred = self.decoder(feats.reshape(b, t * v, d), pos_vis, pos_mask, train=train)
+    target = jnp.take_along_axis(normalised_patch_targets(video, bb.patch_size),
+                                 mask_idx[:, None, :, None], axis=2).reshape(b, -1, pred.shape[-1])
+    loss_rec = jnp.mean((pred - target) ** 2)
+
+    student = feats.astype(jnp.float32)
+    if self.align_proj is not None and (teacher_features is not None or self.is_initializing()):
+      student = self.align_proj(student).astype(jnp.float32)
+    if teacher_features is None:
+      loss_align = jnp.zeros((), jnp.float32)
+    else:
+      loss_align = self._align_loss(student, vis_idx, teacher_features)
+    loss = loss_rec + alpha * loss_align
+    return loss, {"loss_rec": loss_rec, "loss_align": loss_align, "pred": pred, "target": target}
+
+  def _teacher_frames(self, teacher, b, t) -> int:
+    """Checks ``teacher (b, t·n or t/2·n, teacher_dim)``; returns its number of frames."""
+    n, dt = self.backbone.num_patches, self.teacher_dim or self.backbone.dim
+    if teacher.ndim != 3 or teacher.shape[0] != b or teacher.shape[-1] != dt:
+      raise ValueError(f"EndoMambaPretrainer: teacher_features have shape {tuple(teacher.shape)}, "
+                       f"expected (batch, t·n, teacher_dim) = {(b, t * n, dt)} (set teacher_dim "
+                       "for a teacher of another width)")
+    if teacher.shape[1] == t * n:
+      return t
+    if t % 2 == 0 and teacher.shape[1] == t // 2 * n:
+      return t // 2
+    raise ValueError(f"EndoMambaPretrainer: teacher_features have {teacher.shape[1]} tokens, "
+                     f"expected t·n = {t * n} (or t/2·n = {t // 2 * n} for 2-frame tubelets)")
+
+  def _align_loss(self, student, vis_idx, teacher):
+    """Mean ``1 - cos`` between student ``(b, t, V, dt)`` and the teacher at visible positions."""
+    b, t, v, dt = student.shape
+    n = self.backbone.num_patches
+    if self._teacher_frames(teacher, b, t) != t:  # 2-frame tubelets: average pairs (ours)
+      student = student.reshape(b, t // 2, 2, v, dt).mean(2)
+      t = t // 2
+    teacher = jax.lax.stop_gradient(teacher.reshape(b, t, n, dt).astype(jnp.float32))
+    teacher = jnp.take_along_axis(teacher, vis_idx[:, None, :, None], axis=2)
+    cos = jnp.sum(student * teacher, -1) / (
+        jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1) + 1e-8)
+    return jnp.mean(1.0 - cos)
+
+  def __call__(self, video, mask, teacher_features=None, alpha: float = 0.25, *, train=True):
+    return self.pretrain_loss(video, mask, teacher_features, alpha, train=train)
+
+
+DECODER = {"tiny": dict(decoder_dim=128, decoder_heads=2), "small": dict(decoder_dim=192,
+           decoder_heads=3), "middle": dict(decoder_dim=384, decoder_heads=6)}
+_PRETRAIN_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "teacher_dim")
+
+
+def _build_pretrainer(size: str, overrides: dict) -> EndoMambaPretrainer:
+  kw = {**DECODER[size], **{k: overrides.pop(k) for k in list(overrides) if k in _PRETRAIN_KEYS}}
+  backbone = EndoMamba(**{**SIZES[size], **overrides})
+  return EndoMambaPretrainer(backbone=backbone, num_frames=backbone.num_frames, **kw)
+
+
+@register("endomamba_tiny_pretrain")
+def endomamba_tiny_pretrain(**overrides) -> nn.Module:
+  return _build_pretrainer("tiny", overrides)
+
+
+@register("endomamba_small_pretrain")
+def endomamba_small_pretrain(**overrides) -> nn.Module:
+  """The paper's pretraining model: small encoder, 192-wide 4-block decoder, ViT-S teacher."""
+  return _build_pretrainer("small", overrides)
+
+
+@register("endomamba_middle_pretrain")
+def endomamba_middle_pretrain(**overrides) -> nn.Module:
+  return _build_pretrainer("middle", overrides)
