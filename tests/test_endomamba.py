@@ -1,0 +1,248 @@
+"""EndoMamba backbone: parameter count, streaming equals the clip forward, causality, bad input."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from vidssm_jax.models import create_model
+from vidssm_jax.models.endomamba import EndoMamba, sinusoidal_embedding
+
+CFG = dict(img_size=32, patch_size=16, dim=32, depth=4)  # 2×2 patches + cls = 5 tokens a frame
+T = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = create_model("endomamba_tiny", **CFG)
+  video = jax.random.normal(jax.random.key(0), (2, T, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(1), video[:, :1])
+  forward = jax.jit(functools.partial(model.apply, return_intermediates=True))
+  chunk = jax.jit(functools.partial(model.apply, method="forward_chunk"))
+  step = jax.jit(functools.partial(model.apply, method="step"))
+  return model, variables, video, forward, chunk, step
+
+
+def test_small_has_the_papers_parameter_count():
+  model = create_model("endomamba_small")
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 1, 224, 224, 3), jnp.float32))
+  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nn.meta.unbox(shapes)))
+  print(f"endomamba_small parameters: {count:,}")
+  assert abs(count - 24.46e6) / 24.46e6 <= 0.02, f"endomamba_small has {count:,} parameters"
+  p = nn.meta.unbox(shapes)["params"]
+  assert p["pos_embed"].shape == (197, 384) and p["cls_token"].shape == (384,)
+  assert "ssm_b" in p["blocks_11"]["mixer"] and "ssm_b" not in p["blocks_12"]["mixer"]
+
+
+def test_shapes_and_intermediates(tiny):
+  model, variables, video, forward, _, _ = tiny
+  feats, taps = forward(variables, video)
+  assert feats.shape == (2, T, 5, 32) and len(taps) == 3
+  assert all(t.shape == (2, T, 5, 32) for t in taps)
+  # The last intermediate is the residual stream that the final RMSNorm normalises.
+  scale = variables["params"]["norm_f"]["scale"]
+  last = taps[-1]
+  expected = last * jax.lax.rsqrt(jnp.mean(last**2, -1, keepdims=True) + 1e-5) * scale.value
+  assert rel_err(feats, expected) <= 1e-6
+  assert model.intermediate_layers == (1, 2, 3)
+  no_cls = create_model("endomamba_tiny", **CFG, use_cls_token=False)
+  v = jax.eval_shape(no_cls.init, jax.random.key(0), video[:, :1])
+  assert jax.eval_shape(no_cls.apply, v, video[:, :1]).shape == (2, 1, 4, 32)
+
+
+def test_frame_by_frame_equals_whole_clip(tiny):
+  model, variables, video, forward, _, step = tiny
+  whole, _ = forward(variables, video)
+  state = model.init_state(2)
+  feats = []
+  for t in range(T):
+    f, state = step(variables, video[:, t], state)
+    feats.append(f)
+  streamed = jnp.stack(feats, 1)
+  errs = [rel_err(streamed[:, t], whole[:, t]) for t in range(T)]
+  assert max(errs) <= 1e-4, f"worst frame {int(np.argmax(errs))}: {max(errs):.2e}"
+  np.testing.assert_array_equal(state["frame"], [T, T])
+
+
+def test_two_halves_with_carried_state_equal_whole(tiny):
+  model, variables, video, forward, chunk, _ = tiny
+  whole, _ = forward(variables, video)
+  first, state = chunk(variables, video[:, :T // 2], model.init_state(2))
+  second, state = chunk(variables, video[:, T // 2:], state)
+  assert rel_err(jnp.concatenate([first, second], 1), whole) <= 1e-4
+  assert rel_err(second, whole[:, T // 2:]) <= 1e-4
+
+
+def test_state_size_does_not_grow_with_history(tiny):
+  model, variables, video, _, _, step = tiny
+  state = model.init_state(2)
+  shapes0 = jax.tree.map(lambda a: a.shape, state)
+  for t in range(5):
+    _, state = step(variables, video[:, t], state)
+  assert jax.tree.map(lambda a: a.shape, state) == shapes0
+
+
+def test_causal_across_frames_bidirectional_within_a_frame(tiny):
+  _, variables, video, forward, _, _ = tiny
+  changed = video.at[:, 3, 16:, 16:].add(1.0)  # the last patch of frame 3
+  a, _ = forward(variables, video)
+  b, _ = forward(variables, changed)
+  diff = jnp.abs(a - b).max(-1)[0]  # (t, tokens)
+  assert float(diff[:3].max()) == 0.0  # earlier frames never see a later frame
+  assert float(diff[3, 0]) > 0  # the cls token (first) sees the last patch of its own frame
+  assert float(diff[4:].min()) > 0  # later frames do
+
+
+def test_time_embedding_is_sinusoidal_by_absolute_frame():
+  emb = sinusoidal_embedding(jnp.array([0, 7]), 8)
+  np.testing.assert_allclose(emb[0], [0, 1] * 4, atol=1e-7)
+  freq = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+  np.testing.assert_allclose(emb[1, 0::2], np.sin(7 * freq), rtol=1e-5)
+  np.testing.assert_allclose(emb[1, 1::2], np.cos(7 * freq), rtol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32(tiny):
+  _, variables, video, forward, _, _ = tiny
+  model16 = create_model("endomamba_tiny", **CFG, dtype=jnp.bfloat16)
+  f16 = jax.jit(model16.apply)(variables, video[:, :4])
+  f32, _ = forward(variables, video[:, :4])
+  assert f16.dtype == jnp.bfloat16
+  assert rel_err(f16, f32) <= 5e-2
+
+
+def test_drop_path_only_in_training(tiny):
+  _, variables, video, forward, _, _ = tiny
+  model = create_model("endomamba_tiny", **CFG, drop_path_rate=0.5)
+  clip = video[:, :4]
+  run = jax.jit(model.apply, static_argnames="train")
+  eval_out = run(variables, clip)
+  np.testing.assert_allclose(eval_out, forward(variables, clip)[0], rtol=1e-5, atol=1e-5)
+  train_out = run(variables, clip, train=True, rngs={"dropout": jax.random.key(3)})
+  assert float(jnp.abs(train_out - eval_out).max()) > 0
+
+
+def test_bad_input_raises_clear_errors(tiny):
+  model, variables, video, _, _, _ = tiny
+  with pytest.raises(ValueError, match=r"frames are 30×30, the model expects 32×32"):
+    model.apply(variables, jnp.zeros((1, 2, 30, 30, 3)))
+  with pytest.raises(ValueError, match="video has 4 channels, the model expects 3"):
+    model.apply(variables, jnp.zeros((1, 2, 32, 32, 4)))
+  with pytest.raises(ValueError, match=r"expected \(batch, time, height, width, channels\)"):
+    model.apply(variables, jnp.zeros((2, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"state was made for batch size 3.*init_state\(2\)"):
+    model.apply(variables, video[:, 0], model.init_state(3), method="step")
+  with pytest.raises(ValueError, match=r"expected \(batch, height, width, channels\)"):
+    model.apply(variables, video[:, :2], model.init_state(2), method="step")
+  deeper = EndoMamba(**{**CFG, "depth": 6})
+  with pytest.raises(ValueError, match="3 block caches, the model has 2"):
+    model.apply(variables, video[:, 0], deeper.init_state(2), method="step")
+  with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    create_model("endomamba_tiny", img_size=40, patch_size=16).init(
+        jax.random.key(0), jnp.zeros((1, 1, 40, 40, 3)))
+
+
+# ---- pretraining -------------------------------------------------------------------------------
+
+PCFG = dict(img_size=32, patch_size=8, dim=32, depth=4)  # 4×4 patches a frame, 12 masked
+
+
+def _tube_mask(b, t, seed=0):
+  rng = np.random.default_rng(seed)
+  m = np.zeros((b, 16), bool)
+  for i in range(b):
+    m[i, rng.permutation(16)[:12]] = True
+  return jnp.asarray(np.broadcast_to(m[:, None], (b, t, 16)).reshape(b, t, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def pretrainer():
+  model = create_model("endomamba_tiny_pretrain", **PCFG, teacher_dim=48)
+  video = jax.random.normal(jax.random.key(0), (2, 2, 32, 32, 3))
+  mask = _tube_mask(2, 2)
+  teacher = jax.random.normal(jax.random.key(1), (2, 2 * 16, 48))
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(2), video, mask, teacher)
+  loss = jax.jit(functools.partial(model.apply, method="pretrain_loss", train=False))
+  return model, variables, video, mask, teacher, loss
+
+
+def test_pretrainer_params_and_loss(pretrainer):
+  model, variables, video, mask, teacher, loss_fn = pretrainer
+  params = nn.meta.unbox(variables)["params"]
+  assert set(params) == {"backbone", "decoder", "align_proj"}
+  assert params["decoder"]["embed"]["kernel"].shape == (32, 128)  # tiny: decoder width 128
+  assert params["decoder"]["head"]["kernel"].shape == (128, 8 * 8 * 3)
+  loss, aux = loss_fn(variables, video, mask, teacher, 0.25)
+  assert aux["pred"].shape == aux["target"].shape == (2, 2 * 12, 192)
+  np.testing.assert_allclose(loss, aux["loss_rec"] + 0.25 * aux["loss_align"], rtol=1e-6)
+  np.testing.assert_allclose(aux["loss_rec"], jnp.mean((aux["pred"] - aux["target"]) ** 2),
+                             rtol=1e-6)
+  assert 0 < float(aux["loss_align"]) < 2
+  # Targets: the masked patches' pixels, ImageNet normalisation undone, normalised per patch.
+  b0_masked = np.flatnonzero(np.asarray(mask[0, 0]).ravel())[0]  # first masked patch, frame 0
+  r, c = divmod(int(b0_masked), 4)
+  patch = np.asarray(video[0, 0, 8 * r:8 * r + 8, 8 * c:8 * c + 8]) * [0.229, 0.224, 0.225] + [
+      0.485, 0.456, 0.406]
+  patch = patch.ravel()
+  expected = (patch - patch.mean()) / (patch.std(ddof=1) + 1e-6)
+  np.testing.assert_allclose(aux["target"][0, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_sees_visible_tokens_only(pretrainer):
+  model, variables, video, mask, teacher, loss_fn = pretrainer
+  _, aux = loss_fn(variables, video, mask, teacher, 0.25)
+  # Scramble the masked patches' pixels: the encoder (hence the alignment) must not notice,
+  # the reconstruction targets must.
+  pix_mask = jnp.repeat(jnp.repeat(mask, 8, 2), 8, 3)[..., None]
+  scrambled = jnp.where(pix_mask, -video, video)
+  _, aux2 = loss_fn(variables, scrambled, mask, teacher, 0.25)
+  np.testing.assert_allclose(aux2["loss_align"], aux["loss_align"], rtol=1e-6)
+  np.testing.assert_allclose(aux2["pred"], aux["pred"], rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(aux2["target"] - aux["target"]).max()) > 0.1
+
+
+def test_unmasked_encoder_equals_backbone():
+  model = create_model("endomamba_tiny_pretrain", **PCFG, mask_ratio=0.0)
+  video = jax.random.normal(jax.random.key(0), (1, 2, 32, 32, 3))
+  no_mask = jnp.zeros((1, 2, 4, 4), bool)
+  variables = {"params": jax.jit(model.backbone.init)(jax.random.key(1), video)["params"]}
+  feats, vis, _ = jax.jit(functools.partial(model.apply, method="encode_visible"))(
+      {"params": {"backbone": variables["params"]}}, video, no_mask)
+  whole = jax.jit(model.backbone.apply)(variables, video)
+  assert rel_err(feats, whole[:, :, 1:]) <= 1e-5
+  np.testing.assert_array_equal(vis, np.arange(16)[None])
+
+
+def test_alignment_loss_and_bad_inputs(pretrainer):
+  model, variables, video, mask, teacher, loss_fn = pretrainer
+  _, aux = loss_fn(variables, video, mask, teacher[:, :16], 0.25)  # 2-frame tubelet teacher
+  assert 0 < float(aux["loss_align"]) < 2
+  _, aux = loss_fn(variables, video, mask, None, 0.25)
+  assert float(aux["loss_align"]) == 0.0
+  with pytest.raises(ValueError, match="expected t·n = 32"):
+    model.apply(variables, video, mask, teacher[:, :20], method="pretrain_loss")
+  with pytest.raises(ValueError, match="must be a tube mask"):
+    model.apply(variables, video, mask.at[0, 1].set(~mask[0, 1]), method="pretrain_loss")
+  extra = np.array(mask)
+  extra[0, :, *np.argwhere(~extra[0, 0])[0]] = True  # one more masked patch in example 0
+  with pytest.raises(ValueError, match=r"hides \[13, 12\] patches per frame, expected .* = 12"):
+    model.apply(variables, video, jnp.asarray(extra), method="pretrain_loss")
+  with pytest.raises(ValueError, match=r"expected bool \(batch, time, grid, grid\)"):
+    model.apply(variables, video, mask.astype(jnp.int32), method="pretrain_loss")
+
+
+def test_pretrain_gradients_reach_every_part(pretrainer):
+  model, variables, video, mask, teacher, _ = pretrainer
+  def loss(params):
+    return model.apply({"params": params}, video, mask, teacher, 0.25, method="pretrain_loss",
+                       train=False)[0]
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  grads = nn.meta.unbox(grads)
+  for part in ("backbone", "decoder", "align_proj"):
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads[part]))))
+    assert np.isfinite(norm) and norm > 0, part

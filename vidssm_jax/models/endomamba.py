@@ -1,0 +1,545 @@
+"""EndoMamba (SPEC §2): a video Mamba whose clip forward and live frame-by-frame stream agree.
+
+Data flow for ``video: (b, t, h, w, c)`` with ``n = (img_size / patch_size)²`` patches a frame
+(``n + 1`` tokens with the cls token):
+
+    patch_embed       16×16 patches of every frame -> (b, t, n, dim)
+    + cls token       optional, prepended to every frame -> (b, t, n+1, dim)
+    + pos_embed       learned, spatial, shared by all frames
+    + time embedding  sinusoidal, by the absolute frame index, on patch tokens (not the cls token,
+                      as in the release)
+    blocks[0:S]       bidirectional Mamba, each frame alone: (b·t, n+1, dim)
+    blocks[S:depth]   causal Mamba over the clip flattened time-major: (b, t·(n+1), dim)
+    norm_f            RMSNorm -> features (b, t, n+1, dim)
+
+Because spatial blocks never look across frames and the temporal blocks are causal, the clip can
+be processed a frame (or a chunk of frames) at a time: ``init_state`` / ``step`` /
+``forward_chunk`` carry each temporal block's conv and SSM state plus the frame counter, so a step
+costs the same whatever came before it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidssm_jax.models.registry import register
+from vidssm_jax.nn.layers import RMSNorm, ResidualBlock, partitioned
+from vidssm_jax.nn.mamba import BiMambaMixer, MambaMixer, torch_linear_init
+
+Array = jax.Array
+Dtype = Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sinusoidal_embedding(positions: Array, dim: int) -> Array:
+  """Transformer sin/cos embedding: ``positions (...,)`` (any number) -> ``(..., dim)`` float32.
+
+  ``emb[..., 2i] = sin(p / 10000^(2i/dim))``, ``emb[..., 2i+1] = cos(p / 10000^(2i/dim))``.
+  """
+  if dim % 2:
+    raise ValueError(f"sinusoidal_embedding: dim must be even, got {dim}")
+  freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  angle = jnp.asarray(positions, jnp.float32)[..., None] * freq
+  return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*angle.shape[:-1], dim)
+
+
+def check_video(video, *, img_size: int, in_chans: int, ndim: int = 5, who: str = "EndoMamba"):
+  """Raises a ValueError naming the problem unless ``video`` is ``(..., img, img, in_chans)``."""
+  layout = {5: "(batch, time, height, width, channels)", 4: "(batch, height, width, channels)"}[ndim]
+  if video.ndim != ndim:
+    raise ValueError(f"{who}: input has shape {tuple(video.shape)}, expected {layout}")
+  if not jnp.issubdtype(video.dtype, jnp.floating):
+    raise ValueError(f"{who}: input has dtype {video.dtype}, expected a float video "
+                     "(normalise uint8 frames first, e.g. with vidssm_jax.stream.preprocess)")
+  h, w, c = video.shape[-3:]
+  if c != in_chans:
+    raise ValueError(f"{who}: video has {c} channels, the model expects {in_chans} "
+                     "(set in_chans)")
+  if (h, w) != (img_size, img_size):
+    raise ValueError(f"{who}: frames are {h}×{w}, the model expects {img_size}×{img_size} "
+                     "(set img_size, or resize the frames)")
+
+
+class EndoMamba(nn.Module):
+  """EndoMamba backbone. ``__call__(video (b, t, H, W, C)) -> features (b, t, tokens, dim)``.
+
+  ``tokens = (img_size // patch_size)² (+1 with the cls token, first)``. Parameters:
+  ``patch_embed``, ``pos_embed (tokens, dim)``, ``cls_token (dim,)``, ``blocks_{i}`` for
+  ``i < depth`` (the first ``num_spatial_layers`` bidirectional), ``norm_f``.
+  """
+
+  img_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  num_frames: int = 16  # the usual clip length; any length runs (the time embedding is sinusoidal)
+  dim: int = 384
+  depth: int = 24
+  num_spatial_layers: Optional[int] = None  # default depth // 2
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  use_cls_token: bool = True
+  drop_path_rate: float = 0.0
+  norm_eps: float = 1e-5
+  divide_out: bool = False  # EndoMamba's release sums the two directions
+  dtype: Dtype = jnp.float32  # compute dtype; parameters, residual and scan state stay float32
+  scan_backend: str = "auto"
+
+  # ---- static geometry (usable on an unbound module) ----------------------------------------
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def num_tokens(self) -> int:
+    return self.num_patches + int(self.use_cls_token)
+
+  @property
+  def n_spatial(self) -> int:
+    s = self.depth // 2 if self.num_spatial_layers is None else self.num_spatial_layers
+    if not 0 <= s <= self.depth:
+      raise ValueError(f"EndoMamba: num_spatial_layers={s} must lie in [0, depth={self.depth}]")
+    return s
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.dim
+
+  @property
+  def intermediate_layers(self) -> tuple[int, int, int]:
+    """Blocks after which intermediate features are taken (as in the release)."""
+    return (self.depth // 3, 2 * self.depth // 3, self.depth - 1)
+
+  def _check_config(self):
+    if self.img_size % self.patch_size:
+      raise ValueError(f"EndoMamba: img_size={self.img_size} is not a multiple of "
+                       f"patch_size={self.patch_size}")
+    if self.dim % 2:
+      raise ValueError(f"EndoMamba: dim={self.dim} must be even (sinusoidal time embedding)")
+
+  # ---- parameters ---------------------------------------------------------------------------
+
+  def setup(self):
+    self._check_config()
+    p = self.patch_size
+    self.patch_embed = nn.Conv(
+        self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed",
+        kernel_init=partitioned(torch_linear_init(), None, None, None, "embed"),
+        bias_init=partitioned(nn.initializers.zeros, "embed"))
+    self.pos_embed = self.param(
+        "pos_embed", partitioned(nn.initializers.truncated_normal(0.02), None, "embed"),
+        (self.num_tokens, self.dim))
+    if self.use_cls_token:
+      self.cls_token = self.param("cls_token", partitioned(nn.initializers.zeros, "embed"),
+                                  (self.dim,))
+    # Stochastic depth as the release: block i drops the previous block's output at rate
+    # linspace(0, rate, depth)[i - 1] (block 0 has no residual branch to drop).
+    rates = [0.0] + [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    blocks = []
+    for i in range(self.depth):
+      kw = dict(dim=self.dim, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                n_layers=self.depth, dtype=self.dtype, scan_backend=self.scan_backend,
+                parent=None)
+      mixer = (BiMambaMixer(divide_out=self.divide_out, **kw) if i < self.n_spatial
+               else MambaMixer(**kw))
+      blocks.append(ResidualBlock(mixer=mixer, norm="rms", norm_eps=self.norm_eps,
+                                  drop_path=rates[i]))
+    self.blocks = blocks
+    self.norm_f = RMSNorm(eps=self.norm_eps, dtype=self.dtype, name="norm_f")
+
+  # ---- pieces -------------------------------------------------------------------------------
+
+  def embed(self, video: Array, first_frame: Array) -> Array:
+    """``video (b, t, H, W, C)``, ``first_frame (b,)`` int -> tokens ``(b, t, tokens, dim)`` f32."""
+    b, t, h, w, c = video.shape
+    x = self.patch_embed(video.reshape(b * t, h, w, c).astype(self.dtype))
+    x = x.reshape(b, t, self.num_patches, self.dim).astype(jnp.float32)
+    frames = first_frame[:, None] + jnp.arange(t, dtype=first_frame.dtype)  # (b, t)
+    x = x + sinusoidal_embedding(frames, self.dim)[:, :, None]  # patch tokens only
+    if self.use_cls_token:
+      cls = jnp.broadcast_to(self.cls_token, (b, t, 1, self.dim))
+      x = jnp.concatenate([cls, x], axis=2)
+    return x + self.pos_embed
+
+  def _blocks(self, x: Array, caches, train: bool):
+    """Runs every block on tokens ``(b, t, m, dim)``; ``caches`` None (a fresh clip) or one
+    cache per temporal block. Returns ``(features, intermediates, new_caches)``."""
+    b, t, m, d = x.shape
+    hidden, residual = x.reshape(b * t, m, d), None
+    taps, new_caches = [], []
+    for i, block in enumerate(self.blocks):
+      if i == self.n_spatial:  # per-frame layout -> time-major clip
+        hidden = hidden.reshape(b, t * m, d)
+        residual = None if residual is None else residual.reshape(b, t * m, d)
+      if i < self.n_spatial:
+        hidden, residual = block(hidden, residual, train=train)
+      elif caches is None:
+        hidden, residual = block(hidden, residual, train=train)
+      else:
+        hidden, residual, cache = block.forward_chunk(hidden, residual, caches[i - self.n_spatial])
+        new_caches.append(cache)
+      if i in self.intermediate_layers:
+        taps.append((residual + hidden.astype(jnp.float32)).reshape(b, t, m, d))
+    out = self.norm_f(residual + hidden.astype(jnp.float32)).reshape(b, t, m, d)
+    return out, taps, new_caches
+
+  # ---- public API ---------------------------------------------------------------------------
+
+  def __call__(self, video: Array, *, train: bool = False, return_intermediates: bool = False):
+    """Whole-clip forward.
+
+    Args:
+      video: ``(b, t, img_size, img_size, in_chans)`` float (ImageNet-normalised), any ``t``.
+      train: enables stochastic depth (needs the ``"dropout"`` RNG when ``drop_path_rate > 0``).
+      return_intermediates: also return the three intermediate maps.
+
+    Returns:
+      ``features (b, t, tokens, dim)`` in ``dtype``; with ``return_intermediates``,
+      ``(features, [f1, f2, f3])``, each ``(b, t, tokens, dim)`` float32: the residual stream
+      after blocks ``depth//3``, ``2·depth//3`` and ``depth-1``.
+    """
+    check_video(video, img_size=self.img_size, in_chans=self.in_chans)
+    x = self.embed(video, jnp.zeros((video.shape[0],), jnp.int32))
+    out, taps, _ = self._blocks(x, None, train)
+    return (out, taps) if return_intermediates else out
+
+  def init_state(self, batch_size: int) -> dict:
+    """The streaming state before the first frame (works on an unbound module).
+
+    Returns ``{"frame": (b,) int32, "caches": [{"conv": (b, d_conv-1, D_inner),
+    "ssm": (b, D_inner, d_state)}, ...]}`` with one cache per temporal (causal) block, where
+    ``D_inner = expand * dim``; all zeros. ``frame`` is the index of the next frame of each stream.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"EndoMamba.init_state: batch_size must be a positive int, got {batch_size!r}")
+    cache = lambda: {
+        "conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), jnp.float32),
+        "ssm": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32)}
+    return {"frame": jnp.zeros((batch_size,), jnp.int32),
+            "caches": [cache() for _ in range(self.depth - self.n_spatial)]}
+
+  def check_state(self, state, batch_size: int) -> None:
+    """Raises a ValueError unless ``state`` is shaped like ``init_state(batch_size)``."""
+    if not isinstance(state, dict) or set(state) != {"frame", "caches"}:
+      raise ValueError("EndoMamba: state must be the dict from init_state(batch_size) "
+                       f"(keys 'frame', 'caches'), got {type(state).__name__}")
+    n_temporal = self.depth - self.n_spatial
+    if len(state["caches"]) != n_temporal:
+      raise ValueError(f"EndoMamba: state has {len(state['caches'])} block caches, the model has "
+                       f"{n_temporal} temporal blocks (a state from another model?)")
+    frame = state["frame"]
+    got_b = frame.shape[0] if getattr(frame, "ndim", 0) == 1 else None
+    if got_b != batch_size:
+      raise ValueError(f"EndoMamba: state was made for batch size {got_b}, the frames have batch "
+                       f"size {batch_size} (call init_state({batch_size}))")
+    expected = {"conv": (batch_size, self.d_conv - 1, self.d_inner),
+                "ssm": (batch_size, self.d_inner, self.d_state)}
+    for i, cache in enumerate(state["caches"]):
+      for key, shape in expected.items():
+        got = tuple(cache[key].shape) if key in cache else "missing"
+        if got != shape:
+          raise ValueError(f"EndoMamba: state['caches'][{i}][{key!r}] has shape {got}, expected "
+                           f"{shape} (from init_state({batch_size}))")
+
+  def forward_chunk(self, video: Array, state: dict):
+    """Continues a stream with a chunk of frames.
+
+    ``video (b, t, H, W, C)`` and ``state`` from ``init_state(b)`` or a previous call ->
+    ``(features (b, t, tokens, dim), state)``. Each temporal block consumes the chunk's tokens as
+    one sequence continuing from its cache. Inference only (no stochastic depth).
+    """
+    check_video(video, img_size=self.img_size, in_chans=self.in_chans)
+    self.check_state(state, video.shape[0])
+    x = self.embed(video, state["frame"])
+    out, _, caches = self._blocks(x, state["caches"], False)
+    return out, {"frame": state["frame"] + video.shape[1], "caches": caches}
+
+  def step(self, frame: Array, state: dict):
+    """One live frame: ``frame (b, H, W, C)`` -> ``(features (b, tokens, dim), state)``.
+
+    Equal to position ``state["frame"]`` of the whole-clip forward; the cost does not depend on
+    how many frames came before. Use as ``model.apply(variables, frame, state, method="step")``.
+    """
+    check_video(frame, img_size=self.img_size, in_chans=self.in_chans, ndim=4)
+    out, state = self.forward_chunk(frame[:, None], state)
+    return out[:, 0], state
+
+
+# ---- presets ----------------------------------------------------------------------------------
+
+SIZES = {
+    "tiny": dict(dim=192, depth=24),
+    "small": dict(dim=384, depth=24),
+    "middle": dict(dim=576, depth=32),
+}
+
+
+def _build(size: str, overrides: dict) -> nn.Module:
+  head = overrides.pop("head", None)
+  head_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in _HEAD_KEYS}
+  backbone = EndoMamba(**{**SIZES[size], **overrides})
+  if head is None:
+    if head_kwargs:
+      raise ValueError(f"endomamba_{size}: {sorted(head_kwargs)} need head='clip'|'phase'|"
+                       "'segmentation'")
+    return backbone
+  from vidssm_jax.models.heads import build_with_head  # heads import this module
+  return build_with_head(backbone, head, **head_kwargs)
+
+
+_HEAD_KEYS = ("num_classes", "pool", "head_dropout", "decoder_dim")
+
+
+@register("endomamba_tiny")
+def endomamba_tiny(**overrides) -> nn.Module:
+  """dim 192, depth 24 (~7M parameters). ``head=`` adds a task head (see ``models.heads``)."""
+  return _build("tiny", overrides)
+
+
+@register("endomamba_small")
+def endomamba_small(**overrides) -> nn.Module:
+  """dim 384, depth 24: the paper's model (~24.46M parameters at 224×224)."""
+  return _build("small", overrides)
+
+
+@register("endomamba_middle")
+def endomamba_middle(**overrides) -> nn.Module:
+  """dim 576, depth 32."""
+  return _build("middle", overrides)
+
+
+# ---- pretraining (SPEC §2 "Pretraining") --------------------------------------------------------
+
+
+def patchify(video: Array, patch_size: int) -> Array:
+  """``(b, t, H, W, C) -> (b, t, n, p·p·C)``, patches in raster order, pixels as ``(p, p, C)``."""
+  b, t, h, w, c = video.shape
+  p = patch_size
+  x = video.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, (h // p) * (w // p), p * p * c)
+
+
+def normalised_patch_targets(video: Array, patch_size: int) -> Array:
+  """Per-patch normalised pixel targets ``(b, t, n, p·p·C)`` float32 from an ImageNet-normalised
+  video: undo the normalisation, then ``(x - mean) / (std + 1e-6)`` within each patch (unbiased
+  std, as VideoMAE)."""
+  pixels = video.astype(jnp.float32) * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN)
+  x = patchify(pixels, patch_size)
+  mean = jnp.mean(x, -1, keepdims=True)
+  std = jnp.sqrt(jnp.var(x, -1, keepdims=True, ddof=1))
+  return (x - mean) / (std + 1e-6)
+
+
+class MAEDecoder(nn.Module):
+  """The small transformer decoder: visible tokens + mask tokens -> pixels of masked patches.
+
+  ``(x_vis (b, V, enc_dim), pos_vis (b, V), pos_mask (b, M)) -> (b, M, out_dim)`` float32, where
+  ``pos_*`` index the ``T·N`` positions of the clip (time-major).
+  """
+
+  dim: int = 192
+  depth: int = 4
+  num_heads: int = 3
+  out_dim: int = 768
+  num_positions: int = 16 * 196
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_vis: Array, pos_vis: Array, pos_mask: Array, *, train: bool = False):
+    from vidssm_jax.models.vit import ViTBlock, _layer_norm  # vit imports this module
+
+    x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="embed",
+                 kernel_init=partitioned(nn.initializers.xavier_uniform(), "embed", None))(x_vis)
+    mask_token = self.param("mask_token", partitioned(nn.initializers.truncated_normal(0.02), None),
+                            (self.dim,))
+    b, m = pos_mask.shape
+    x = jnp.concatenate([x, jnp.broadcast_to(mask_token, (b, m, self.dim)).astype(x.dtype)], 1)
+    x = x + sinusoidal_embedding(jnp.concatenate([pos_vis, pos_mask], 1), self.dim)
+    for i in range(self.depth):
+      x = ViTBlock(self.dim, self.num_heads, 4.0, True, 1e-6, 0.0, self.dtype,
+                   name=f"blocks_{i}")(x, train=train)
+    x = _layer_norm(1e-6, self.dtype, "norm")(x[:, -m:])
+    head = nn.Dense(self.out_dim, dtype=self.dtype, name="head",
+                    kernel_init=partitioned(nn.initializers.xavier_uniform(), None, None),
+                    bias_init=partitioned(nn.initializers.zeros, None))
+    return head(x).astype(jnp.float32)
+
+
+class EndoMambaPretrainer(nn.Module):
+  """VideoMAE-style pretraining of EndoMamba with tube masking and teacher feature alignment.
+
+  Params: ``backbone`` (an ``EndoMamba``, loadable as is into fine-tuning), ``decoder``
+  (``MAEDecoder``) and ``align_proj`` (only when ``teacher_dim`` differs from the backbone's
+  width). ``pretrain_loss(video, mask, teacher_features=None, alpha=0.25)`` is the entry point;
+  ``__call__`` is the same (for ``init``).
+  """
+
+  backbone: EndoMamba
+  decoder_dim: int = 192
+  decoder_depth: int = 4
+  decoder_heads: int = 3
+  mask_ratio: float = 0.75  # masked patches per frame = int(mask_ratio · n), as VideoMAE's tube mask
+  teacher_dim: Optional[int] = None  # default: the backbone's width (no projection)
+  num_frames: int = 16  # positions of the decoder's sinusoidal table are computed, any T runs
+
+  @property
+  def num_masked(self) -> int:
+    return int(self.mask_ratio * self.backbone.num_patches)
+
+  def setup(self):
+    bb = self.backbone
+    self.decoder = MAEDecoder(self.decoder_dim, self.decoder_depth, self.decoder_heads,
+                              out_dim=bb.patch_size**2 * bb.in_chans,
+                              num_positions=self.num_frames * bb.num_patches, dtype=bb.dtype)
+    if self.teacher_dim is not None and self.teacher_dim != bb.dim:
+      self.align_proj = nn.Dense(self.teacher_dim, dtype=bb.dtype,
+                                 kernel_init=partitioned(nn.initializers.xavier_uniform(),
+                                                         "embed", None),
+                                 bias_init=partitioned(nn.initializers.zeros, None))
+    else:
+      self.align_proj = None
+
+  def _check_mask(self, video, mask):
+    bb = self.backbone
+    b, t = video.shape[:2]
+    g = bb.grid_size
+    if mask.shape != (b, t, g, g) or mask.dtype != jnp.bool_:
+      raise ValueError(f"EndoMambaPretrainer: mask has shape {tuple(mask.shape)} dtype {mask.dtype},"
+                       f" expected bool (batch, time, grid, grid) = {(b, t, g, g)}")
+    if not isinstance(mask, jax.core.Tracer):  # concrete: check what jit cannot
+      m = np.asarray(mask).reshape(b, t, g * g)
+      if not (m == m[:, :1]).all():
+        raise ValueError("EndoMambaPretrainer: mask must be a tube mask (the same spatial "
+                         "positions masked in every frame)")
+      counts = m[:, 0].sum(-1)
+      if not (counts == self.num_masked).all():
+        raise ValueError(f"EndoMambaPretrainer: mask hides {counts.tolist()} patches per frame, "
+                         f"expected int(mask_ratio · {g * g}) = {self.num_masked} "
+                         f"(mask_ratio={self.mask_ratio})")
+
+  def encode_visible(self, video: Array, mask: Array, *, train: bool = False):
+    """Encoder on visible tokens only. Returns ``(features (b, t, V, dim), vis_idx (b, V),
+    mask_idx (b, M))`` with ``V + M = n`` patches per frame (cls tokens dropped from features)."""
+    bb = self.backbone
+    check_video(video, img_size=bb.img_size, in_chans=bb.in_chans, who="EndoMambaPretrainer")
+    self._check_mask(video, mask)
+    b, t = video.shape[:2]
+    n, n_cls, m_count = bb.num_patches, int(bb.use_cls_token), self.num_masked
+    order = jnp.argsort(mask[:, 0].reshape(b, n), axis=-1, stable=True)  # visible first, in order
+    vis_idx, mask_idx = order[:, : n - m_count], order[:, n - m_count:]
+    x = bb.embed(video, jnp.zeros((b,), jnp.int32))  # (b, t, n_cls + n, d)
+    vis = jnp.take_along_axis(x[:, :, n_cls:], vis_idx[:, None, :, None], axis=2)
+    x = jnp.concatenate([x[:, :, :n_cls], vis], axis=2)
+    out, _, _ = bb._blocks(x, None, train)
+    return out[:, :, n_cls:], vis_idx, mask_idx
+
+  def pretrain_loss(self, video: Array, mask: Array, teacher_features: Optional[Array] = None,
+                    alpha: float = 0.25, *, train: bool = True):
+    """``L = MSE(pred, target) on masked patches + alpha · mean(1 - cos(student, teacher))``.
+
+    Args:
+      video: ``(b, t, H, W, C)`` ImageNet-normalised.
+      mask: bool ``(b, t, H/p, W/p)``, True = masked; a tube mask with ``int(mask_ratio·n)``
+        masked patches per frame.
+      teacher_features: ``(b, t·n, teacher_dim)`` (per-frame tokens, time-major) or
+        ``(b, t/2·n, teacher_dim)`` (2-frame tubelets: compared with the student's features
+        averaged over each frame pair), or None (no alignment term).
+      alpha: weight of the alignment term.
+
+    Returns:
+      ``(loss, aux)``; aux: ``loss_rec``, ``loss_align``, ``pred`` and ``target``
+      ``(b, t·M, p·p·C)`` in the same order (frame-major, masked positions ascending).
+    """
+    bb = self.backbone
+    if teacher_features is not None:
+      self._teacher_frames(teacher_features, video.shape[0], video.shape[1])
+    feats, vis_idx, mask_idx = self.encode_visible(video, mask, train=train)
+    b, t, v, d = feats.shape
+    n = bb.num_patches
+    frame_offset = (jnp.arange(t) * n)[None, :, None]
+    pos_vis = (frame_offset + vis_idx[:, None]).reshape(b, t * v)
+    pos_mask = (frame_offset + mask_idx[:, None]).reshape(b, -1)
+    pred = self.decoder(feats.reshape(b, t * v, d), pos_vis, pos_mask, train=train)
+    target = jnp.take_along_axis(normalised_patch_targets(video, bb.patch_size),
+                                 mask_idx[:, None, :, None], axis=2).reshape(b, -1, pred.shape[-1])
+    loss_rec = jnp.mean((pred - target) ** 2)
+
+    student = feats.astype(jnp.float32)
+    if self.align_proj is not None and (teacher_features is not None or self.is_initializing()):
+      student = self.align_proj(student).astype(jnp.float32)
+    if teacher_features is None:
+      loss_align = jnp.zeros((), jnp.float32)
+    else:
+      loss_align = self._align_loss(student, vis_idx, teacher_features)
+    loss = loss_rec + alpha * loss_align
+    return loss, {"loss_rec": loss_rec, "loss_align": loss_align, "pred": pred, "target": target}
+
+  def _teacher_frames(self, teacher, b, t) -> int:
+    """Checks ``teacher (b, t·n or t/2·n, teacher_dim)``; returns its number of frames."""
+    n, dt = self.backbone.num_patches, self.teacher_dim or self.backbone.dim
+    if teacher.ndim != 3 or teacher.shape[0] != b or teacher.shape[-1] != dt:
+      raise ValueError(f"EndoMambaPretrainer: teacher_features have shape {tuple(teacher.shape)}, "
+                       f"expected (batch, t·n, teacher_dim) = {(b, t * n, dt)} (set teacher_dim "
+                       "for a teacher of another width)")
+    if teacher.shape[1] == t * n:
+      return t
+    if t % 2 == 0 and teacher.shape[1] == t // 2 * n:
+      return t // 2
+    raise ValueError(f"EndoMambaPretrainer: teacher_features have {teacher.shape[1]} tokens, "
+                     f"expected t·n = {t * n} (or t/2·n = {t // 2 * n} for 2-frame tubelets)")
+
+  def _align_loss(self, student, vis_idx, teacher):
+    """Mean ``1 - cos`` between student ``(b, t, V, dt)`` and the teacher at visible positions."""
+    b, t, v, dt = student.shape
+    n = self.backbone.num_patches
+    if self._teacher_frames(teacher, b, t) != t:  # 2-frame tubelets: average pairs (ours)
+      student = student.reshape(b, t // 2, 2, v, dt).mean(2)
+      t = t // 2
+    teacher = jax.lax.stop_gradient(teacher.reshape(b, t, n, dt).astype(jnp.float32))
+    teacher = jnp.take_along_axis(teacher, vis_idx[:, None, :, None], axis=2)
+    cos = jnp.sum(student * teacher, -1) / (
+        jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1) + 1e-8)
+    return jnp.mean(1.0 - cos)
+
+  def __call__(self, video, mask, teacher_features=None, alpha: float = 0.25, *, train=True):
+    return self.pretrain_loss(video, mask, teacher_features, alpha, train=train)
+
+
+DECODER = {"tiny": dict(decoder_dim=128, decoder_heads=2), "small": dict(decoder_dim=192,
+           decoder_heads=3), "middle": dict(decoder_dim=384, decoder_heads=6)}
+_PRETRAIN_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "teacher_dim")
+
+
+def _build_pretrainer(size: str, overrides: dict) -> EndoMambaPretrainer:
+  kw = {**DECODER[size], **{k: overrides.pop(k) for k in list(overrides) if k in _PRETRAIN_KEYS}}
+  backbone = EndoMamba(**{**SIZES[size], **overrides})
+  return EndoMambaPretrainer(backbone=backbone, num_frames=backbone.num_frames, **kw)
+
+
+@register("endomamba_tiny_pretrain")
+def endomamba_tiny_pretrain(**overrides) -> nn.Module:
+  return _build_pretrainer("tiny", overrides)
+
+
+@register("endomamba_small_pretrain")
+def endomamba_small_pretrain(**overrides) -> nn.Module:
+  """The paper's pretraining model: small encoder, 192-wide 4-block decoder, ViT-S teacher."""
+  return _build_pretrainer("small", overrides)
+
+
+@register("endomamba_middle_pretrain")
+def endomamba_middle_pretrain(**overrides) -> nn.Module:
+  return _build_pretrainer("middle", overrides)

@@ -1,0 +1,143 @@
+"""Video ViT with joint space-time attention (VideoMAE-style): the frozen teacher for feature
+alignment during EndoMamba pretraining, and the speed baseline of ``bench.stream``.
+
+    patch_embed   tubelet (tt, p, p) 3D conv -> (b, t/tt, n, dim), n = (img/p)²
+    + pos         fixed sinusoidal over all (t/tt)·n positions, flattened time-major
+    blocks        pre-norm: x + attn(LN(x)); x + MLP(LN(x)); attention over all tokens of the clip
+    norm          LayerNorm -> tokens (b, t/tt, n, dim)
+
+With the default tubelet ``(1, 16, 16)`` the tokens line up one to one with EndoMamba's
+per-frame patches. Attention costs O((t·n)²), which is why recomputing a T-frame window for
+every new frame slows down with T.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vidssm_jax.models.endomamba import check_video, sinusoidal_embedding
+from vidssm_jax.models.registry import register
+from vidssm_jax.nn.layers import DropPath, partitioned
+
+Array = jax.Array
+Dtype = Any
+
+
+def _dense(features, name, dtype, axes, use_bias=True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=partitioned(nn.initializers.xavier_uniform(), *axes),
+                  bias_init=partitioned(nn.initializers.zeros, axes[1]))
+
+
+def _layer_norm(eps, dtype, name):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=partitioned(nn.initializers.ones, "embed"),
+                      bias_init=partitioned(nn.initializers.zeros, "embed"))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over ``(b, l, dim)``."""
+
+  dim: int
+  num_heads: int
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, l, _ = x.shape
+    qkv = _dense(3 * self.dim, "qkv", self.dtype, ("embed", "mlp"), self.qkv_bias)(x)
+    q, k, v = jnp.split(qkv.reshape(b, l, 3 * self.num_heads, -1), 3, axis=2)
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return _dense(self.dim, "proj", self.dtype, ("mlp", "embed"))(y.reshape(b, l, self.dim))
+
+
+class ViTBlock(nn.Module):
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  norm_eps: float = 1e-6
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    drop = DropPath(self.drop_path)
+    h = _layer_norm(self.norm_eps, self.dtype, "norm1")(x)
+    h = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.attention_impl,
+                  name="attn")(h)
+    x = x + drop(h, deterministic=not train)
+    h = _layer_norm(self.norm_eps, self.dtype, "norm2")(x)
+    h = _dense(int(self.dim * self.mlp_ratio), "fc1", self.dtype, ("embed", "mlp"))(h)
+    h = _dense(self.dim, "fc2", self.dtype, ("mlp", "embed"))(nn.gelu(h, approximate=False))
+    return x + drop(h, deterministic=not train)
+
+
+class VideoViT(nn.Module):
+  """``video (b, t, H, W, C) -> tokens (b, t / tubelet_t, n, dim)`` after the final LayerNorm."""
+
+  img_size: int = 224
+  patch_size: int = 16
+  tubelet: int = 1  # temporal tubelet size tt: tubelet (tt, patch, patch)
+  in_chans: int = 3
+  dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  norm_eps: float = 1e-6
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @nn.compact
+  def __call__(self, video: Array, *, train: bool = False) -> Array:
+    check_video(video, img_size=self.img_size, in_chans=self.in_chans, who="VideoViT")
+    b, t = video.shape[:2]
+    if t % self.tubelet:
+      raise ValueError(f"VideoViT: the clip has {t} frames, not a multiple of the temporal "
+                       f"tubelet size {self.tubelet}")
+    if self.img_size % self.patch_size or self.dim % self.num_heads:
+      raise ValueError(f"VideoViT: img_size={self.img_size} must be a multiple of patch_size="
+                       f"{self.patch_size} and dim={self.dim} of num_heads={self.num_heads}")
+    p, tt, g = self.patch_size, self.tubelet, self.grid_size
+    x = nn.Conv(self.dim, (tt, p, p), strides=(tt, p, p), padding="VALID", dtype=self.dtype,
+                name="patch_embed",
+                kernel_init=partitioned(nn.initializers.xavier_uniform(), None, None, None, None,
+                                        "embed"),
+                bias_init=partitioned(nn.initializers.zeros, "embed"))(video.astype(self.dtype))
+    t_out, n = t // tt, g * g
+    x = x.reshape(b, t_out * n, self.dim)
+    x = x + sinusoidal_embedding(jnp.arange(t_out * n), self.dim).astype(x.dtype)
+    for i in range(self.depth):
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = ViTBlock(self.dim, self.num_heads, self.mlp_ratio, self.qkv_bias, self.norm_eps, rate,
+                   self.dtype, self.attention_impl, name=f"blocks_{i}")(x, train=train)
+    x = _layer_norm(self.norm_eps, self.dtype, "norm")(x)
+    return x.reshape(b, t_out, n, self.dim)
+
+
+VIT_SIZES = {"s": dict(dim=384, depth=12, num_heads=6), "b": dict(dim=768, depth=12, num_heads=12)}
+
+
+@register("vit_s")
+def vit_s(**overrides) -> nn.Module:
+  """ViT-S/16 video (~22M parameters): the teacher width of endomamba_small."""
+  return VideoViT(**{**VIT_SIZES["s"], **overrides})
+
+
+@register("vit_b")
+def vit_b(**overrides) -> nn.Module:
+  """ViT-B/16 video (~86M parameters)."""
+  return VideoViT(**{**VIT_SIZES["b"], **overrides})

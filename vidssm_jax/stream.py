@@ -1,0 +1,151 @@
+"""Live-stream inference: run a video file or an iterator of frames (an endoscope feed) through a
+streaming model one frame at a time, with one jitted step.
+
+    from vidssm_jax.models import create_model
+    from vidssm_jax.stream import StreamingRunner
+
+    model = create_model("endomamba_small", head="phase", num_classes=7)
+    runner = StreamingRunner(model, variables)
+    for logits in runner.run_video("case01.mp4"):     # (7,) per frame, as soon as it arrives
+        ...
+    for logits in runner.run(camera_frames()):        # any iterable of (H, W, 3) RGB frames
+        ...
+
+The model is anything with ``init_state(batch)`` and ``step(frame, state)``: the EndoMamba
+backbone (features ``(tokens, dim)`` a frame) or a backbone with the phase head (logits ``(K,)``).
+Frames of any size are resized (bilinear) to the model's ``img_size`` and normalised with the
+ImageNet mean and std inside the jitted step. Each step costs the same whatever came before.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidssm_jax.models.endomamba import IMAGENET_MEAN, IMAGENET_STD
+
+Array = jax.Array
+
+
+def preprocess(frames: Array, img_size: int) -> Array:
+  """RGB ``frames (..., H, W, 3)`` (uint8 in [0, 255] or float in [0, 1]) ->
+  ``(..., img_size, img_size, 3)`` float32, resized bilinearly and ImageNet-normalised."""
+  if frames.ndim < 3 or frames.shape[-1] != 3:
+    raise ValueError(f"preprocess: frames have shape {tuple(frames.shape)}, expected "
+                     "(..., height, width, 3) RGB")
+  x = frames.astype(jnp.float32)
+  if jnp.issubdtype(frames.dtype, jnp.integer):
+    x = x / 255.0
+  if frames.shape[-3:-1] != (img_size, img_size):
+    x = jax.image.resize(x, (*frames.shape[:-3], img_size, img_size, 3), "bilinear")
+  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def read_video(path: str | os.PathLike, *, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+  """Decodes ``path`` with PyAV, yielding RGB frames ``(H, W, 3)`` uint8 in order.
+
+  Raises ``FileNotFoundError`` for a missing file and ``ValueError("corrupt video: <path>")``
+  when FFmpeg cannot read it.
+  """
+  try:
+    import av  # lazy: the [video] extra
+  except ImportError as e:
+    raise ImportError("reading video files needs PyAV: pip install 'vidssm_jax[video]'") from e
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"video not found: {path}")
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise ValueError(f"corrupt video: {path} (no video stream)")
+      stream = container.streams.video[0]
+      for i, frame in enumerate(container.decode(stream)):
+        if max_frames is not None and i >= max_frames:
+          return
+        yield frame.to_ndarray(format="rgb24")
+  except (av.error.FFmpegError, av.error.InvalidDataError) as e:
+    raise ValueError(f"corrupt video: {path} ({e})") from e
+
+
+def count_frames(path: str | os.PathLike) -> Optional[int]:
+  """The frame count the container declares, or None (used for the progress bar)."""
+  import av
+  try:
+    with av.open(os.fspath(path)) as container:
+      return container.streams.video[0].frames or None
+  except (av.error.FFmpegError, IndexError):
+    return None
+
+
+class StreamingRunner:
+  """Runs frames through ``model`` one at a time with a jitted ``step``, carrying the state.
+
+  Args:
+    model: a module with ``init_state(batch)`` and ``step(frame, state)`` (EndoMamba, or
+      ``create_model(..., head="phase")``) and ``img_size``.
+    variables: its variables (``{"params": ...}``).
+    head: optional function applied to each step's output inside the jitted step
+      (e.g. ``lambda f: phase_head.apply(head_vars, f)`` or ``jax.nn.softmax``).
+    progress: show a ``tqdm`` progress bar.
+
+  ``run(frames)`` yields one output per frame: for frames ``(H, W, 3)`` the output of a single
+  stream (e.g. ``(K,)`` logits), for ``(b, H, W, 3)`` the outputs of ``b`` concurrent streams.
+  The state carries over between ``run`` calls unless ``reset=True``; ``reset()`` starts over.
+  """
+
+  def __init__(self, model, variables, *, head: Optional[Callable[[Array], Array]] = None,
+               progress: bool = True):
+    if not (hasattr(model, "init_state") and hasattr(model, "step")):
+      raise ValueError(f"StreamingRunner: {type(model).__name__} has no init_state/step; use an "
+                       "EndoMamba backbone or a model built with head='phase'")
+    self.model, self.variables, self.head, self.progress = model, variables, head, progress
+    self.img_size = getattr(model, "img_size", None) or model.backbone.img_size
+    self.state = None
+
+    def step(variables, frames, state):
+      out, state = model.apply(variables, preprocess(frames, self.img_size), state, method="step")
+      return (head(out) if head is not None else out), state
+
+    # Donating the state lets XLA update it in place (not implemented on CPU, where it warns).
+    donate = (2,) if jax.default_backend() != "cpu" else ()
+    self._step = jax.jit(step, donate_argnums=donate)
+
+  def reset(self) -> None:
+    self.state = None
+
+  @property
+  def frames_seen(self) -> int:
+    """Frames consumed so far by stream 0 (the next frame's index)."""
+    return 0 if self.state is None else int(self.state["frame"][0])
+
+  def run(self, frames: Iterable[Any], *, reset: bool = False, total: Optional[int] = None
+          ) -> Iterator[np.ndarray]:
+    """Yields the prediction for each frame of ``frames`` as soon as it is computed."""
+    from tqdm.auto import tqdm
+
+    if reset:
+      self.reset()
+    for frame in tqdm(frames, total=total, disable=not self.progress, unit="frame"):
+      frame = jnp.asarray(frame)
+      single = frame.ndim == 3
+      batch = frame[None] if single else frame
+      if batch.ndim != 4:
+        raise ValueError(f"StreamingRunner: a frame has shape {tuple(frame.shape)}, expected "
+                         "(height, width, 3) or (streams, height, width, 3)")
+      if self.state is None:
+        self.state = self.model.init_state(batch.shape[0])
+      out, self.state = self._step(self.variables, batch, self.state)
+      out = np.asarray(out)
+      yield out[0] if single else out
+
+  def run_video(self, path: str | os.PathLike, *, max_frames: Optional[int] = None,
+                reset: bool = True) -> Iterator[np.ndarray]:
+    """Decodes ``path`` (PyAV) and yields one prediction per frame (see ``run``)."""
+    total = count_frames(path) if self.progress else None
+    if total is not None and max_frames is not None:
+      total = min(total, max_frames)
+    yield from self.run(read_video(path, max_frames=max_frames), reset=reset, total=total)
