@@ -12,11 +12,16 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import endomamba  # noqa: E402
 
+# Fixed name -> id map (SPEC §4; never file order).
+PHASES = ("Preparation", "CalotTriangleDissection", "ClippingCutting", "GallbladderDissection",
+          "GallbladderRetraction", "CleaningCoagulation", "GallbladderPackaging")
+
 
 def get_config(arg: str = ""):
   c = endomamba.get_config("tiny" if arg == "synthetic" else "")
   c.mode = "finetune,evaluate"
   c.data.num_frames = 8 if arg == "synthetic" else 32
+  c.finetune.class_names = list(PHASES)
   c.finetune.update(dict(task="phase", head="phase", label_key="phase", num_classes=7,
                          select_metric="video_accuracy", select_mode="max",
                          steps=200 if arg == "synthetic" else 5_000, eval_every=100))

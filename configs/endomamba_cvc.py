@@ -15,7 +15,7 @@ import endomamba  # noqa: E402
 def get_config(arg: str = ""):
   c = endomamba.get_config("tiny" if arg == "synthetic" else "")
   c.mode = "finetune,evaluate"
-  c.finetune.update(dict(task="segmentation", head="segmentation", label_key="masks",
+  c.finetune.update(dict(task="segmentation", head="segmentation", label_key="mask",
                          num_classes=2, select_metric="dice", select_mode="max",
                          steps=200 if arg == "synthetic" else 3_000, eval_every=100))
   return c
