@@ -332,6 +332,15 @@ def patchify(video: Array, patch_size: int) -> Array:
   return x.reshape(b, t, (h // p) * (w // p), p * p * c)
 
 
+def unpatchify(patches: Array, patch_size: int, grid_h: int, grid_w: int) -> Array:
+  """Inverse of :func:`patchify`: ``(b, t, grid_h·grid_w, p·p·C) -> (b, t, H, W, C)``."""
+  b, t, _, ppc = patches.shape
+  p = patch_size
+  c = ppc // (p * p)
+  x = patches.reshape(b, t, grid_h, grid_w, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t, grid_h * p, grid_w * p, c)
+
+
 def normalised_patch_targets(video: Array, patch_size: int) -> Array:
   """Per-patch normalised pixel targets ``(b, t, n, p·p·C)`` float32 from an ImageNet-normalised
   video: undo the normalisation, then ``(x - mean) / (std + 1e-6)`` within each patch (unbiased
@@ -398,6 +407,11 @@ class EndoMambaPretrainer(nn.Module):
   @property
   def num_masked(self) -> int:
     return int(self.mask_ratio * self.backbone.num_patches)
+
+  @property
+  def token_grid(self) -> tuple[int, int, int]:
+    """``(frames, H/p, W/p)``: the grid a pretraining mask is drawn on (a tube mask)."""
+    return (self.num_frames, self.backbone.grid_size, self.backbone.grid_size)
 
   def setup(self):
     bb = self.backbone
@@ -486,6 +500,29 @@ class EndoMambaPretrainer(nn.Module):
       loss_align = self._align_loss(student, vis_idx, teacher_features)
     loss = loss_rec + alpha * loss_align
     return loss, {"loss_rec": loss_rec, "loss_align": loss_align, "pred": pred, "target": target}
+
+  def reconstruct(self, video: Array, mask: Array) -> Array:
+    """The clip as the decoder sees it, for summaries: visible patches from ``video``, masked
+    ones predicted. ``video (b, t, H, W, C)`` ImageNet-normalised -> ``(b, t, H, W, C)`` in the
+    same normalisation (each predicted patch is given the mean and std of the true patch, since
+    the decoder predicts per-patch-normalised pixels)."""
+    bb = self.backbone
+    feats, vis_idx, mask_idx = self.encode_visible(video, mask)
+    b, t, v, d = feats.shape
+    n, p, c = bb.num_patches, bb.patch_size, bb.in_chans
+    frame_offset = (jnp.arange(t) * n)[None, :, None]
+    pred = self.decoder(feats.reshape(b, t * v, d), (frame_offset + vis_idx[:, None]).reshape(b, -1),
+                        (frame_offset + mask_idx[:, None]).reshape(b, -1))
+    pred = pred.reshape(b, t, -1, p * p * c)
+    pixels = patchify(video.astype(jnp.float32) * jnp.asarray(IMAGENET_STD)
+                      + jnp.asarray(IMAGENET_MEAN), p)  # (b, t, n, p·p·C) in [0, 1]
+    true = jnp.take_along_axis(pixels, mask_idx[:, None, :, None], axis=2)
+    mean = jnp.mean(true, -1, keepdims=True)
+    std = jnp.sqrt(jnp.var(true, -1, keepdims=True, ddof=1))
+    rows, frames = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
+    pixels = pixels.at[rows, frames, mask_idx[:, None, :]].set(pred * (std + 1e-6) + mean)
+    video_out = unpatchify(pixels, p, bb.grid_size, bb.grid_size)
+    return (video_out - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
   def _teacher_frames(self, teacher, b, t) -> int:
     """Checks ``teacher (b, t·n or t/2·n, teacher_dim)``; returns its number of frames."""
