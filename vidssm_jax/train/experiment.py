@@ -210,7 +210,9 @@ def run_pretrain(config, workdir: str):
   state, status = run_loop(
       step_fn=step, state=state, data_iter=data_iter, mesh=mesh, total_steps=p.steps,
       rng=jax.random.fold_in(rng, 1), checkpointer=ckpt, writer=MetricWriter(stage_dir),
-      log_every=config.log_every, ckpt_every=config.checkpoint.every, desc="pretrain")
+      log_every=config.log_every, ckpt_every=config.checkpoint.every,
+      image_fn=pt.make_image_fn(model, p.mask, seed=config.seed),
+      image_every=int(p.get("image_every", 0)), desc="pretrain")
   ckpt.close()
   return state, status
 

@@ -4,7 +4,8 @@
 
 - a ``tqdm`` progress bar (steps/s, loss, ETA), host 0 only;
 - scalars to ``<workdir>/metrics.jsonl`` (one JSON object per write, easy to read back) and to
-  TensorBoard event files when ``tensorboardX`` is installed; images (frame grids) likewise;
+  TensorBoard event files (``tensorboardX``, pure Python); images (frame grids) to TensorBoard
+  and as PNG files under ``<workdir>/samples/``;
 - periodic evaluation through ``eval_fn(state) -> dict`` and best-checkpoint selection;
 - checkpoints every ``ckpt_every`` steps; SIGTERM / SIGUSR1 (SLURM pre-emption) save a
   checkpoint and return cleanly;
@@ -62,11 +63,20 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
 
   def write_images(self, step: int, images: dict) -> None:
-    """images: name -> float array (H, W, C) in [0, 1]."""
-    if not self.enabled or self._tb is None:
+    """images: name -> float array (H, W, C) in [0, 1]. Each is also saved as
+    ``<logdir>/samples/<name>_<step>.png``, to look at without TensorBoard."""
+    if not self.enabled:
       return
+    from PIL import Image
+
+    samples = os.path.join(os.path.dirname(self.path), "samples")
+    os.makedirs(samples, exist_ok=True)
     for k, v in images.items():
-      self._tb.add_image(f"{self.prefix}{k}", np.asarray(v), step, dataformats="HWC")
+      v = np.clip(np.asarray(v, np.float32), 0.0, 1.0)
+      Image.fromarray((v * 255).round().astype(np.uint8)).save(
+          os.path.join(samples, f"{self.prefix}{k}_{int(step):07d}.png".replace("/", "_")))
+      if self._tb is not None:
+        self._tb.add_image(f"{self.prefix}{k}", v, step, dataformats="HWC")
 
   def flush(self) -> None:
     if self._tb is not None:

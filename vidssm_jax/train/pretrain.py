@@ -64,3 +64,36 @@ def make_pretrain_step(model, mask_config, *, teacher=None, alpha: float = 0.0,
 
 def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_image_fn(model, mask_config, *, seed: int = 0, max_frames: int = 8):
+  """``image_fn(state, batch) -> {"reconstruction": (3·H, F·W, 3) float in [0, 1]}`` for the
+  loop's image summaries: rows input / masked input / reconstruction of the first clip of the
+  batch, ``F = min(t, max_frames)`` frames, with a fixed mask so summaries compare across steps.
+  Returns None when the model has no ``reconstruct`` method."""
+  if not hasattr(model, "reconstruct"):
+    return None
+  grid = token_grid(model)
+
+  @jax.jit
+  def images(params, video):
+    video = video[:1]
+    mask = draw_mask(jax.random.key(seed), 1, grid, mask_config)
+    recon = model.apply({"params": params}, video, mask, method="reconstruct")
+    _, t, h, w, c = video.shape
+    up = (t // grid[0], h // grid[1], w // grid[2])
+    pixel_mask = mask[0]
+    for axis, r in enumerate(up):
+      pixel_mask = jnp.repeat(pixel_mask, r, axis=axis)
+    lo, hi = jnp.min(video), jnp.max(video)
+    norm = lambda x: jnp.clip((x[0].astype(jnp.float32) - lo) / (hi - lo + 1e-6), 0.0, 1.0)
+    rows = [norm(video), jnp.where(pixel_mask[..., None], 0.5, norm(video)), norm(recon)]
+    f = min(t, max_frames)
+    rows = [jnp.concatenate(list(r[:f]), axis=1) for r in rows]  # (H, F·W, C) each
+    grid_img = jnp.concatenate(rows, axis=0)
+    return jnp.broadcast_to(grid_img, grid_img.shape[:2] + (3,)) if c == 1 else grid_img[..., :3]
+
+  def image_fn(state, batch):
+    return {"reconstruction": jax.device_get(images(state.params, batch["video"]))}
+
+  return image_fn
