@@ -149,3 +149,52 @@ class StreamingRunner:
     if total is not None and max_frames is not None:
       total = min(total, max_frames)
     yield from self.run(read_video(path, max_frames=max_frames), reset=reset, total=total)
+
+
+def run_from_config(config, video: Optional[str], output: Optional[str], *, workdir: str) -> str:
+  """``python -m vidssm_jax.main --mode=stream``: streams ``video`` through the fine-tuned model
+  of ``workdir`` (its best, else latest, fine-tuning checkpoint) one frame at a time and writes
+  one CSV row per frame: ``frame, prediction, prob_<class>...``. Returns the CSV path.
+
+  The config must describe a per-frame model (``finetune.head = "phase"``, e.g.
+  ``configs/endomamba_cholec80.py``); class names come from ``finetune.class_names`` if set.
+  """
+  import csv
+
+  from vidssm_jax.models import create_model
+  from vidssm_jax.train.checkpoint import Checkpointer
+
+  f = config.finetune
+  if f.get("head") != "phase":
+    raise ValueError(f"mode=stream needs a per-frame model (finetune.head='phase', e.g. "
+                     f"configs/endomamba_cholec80.py); this config has head={f.get('head')!r}")
+  if not video:
+    raise ValueError("mode=stream needs --video=PATH (a video file to stream)")
+  if not os.path.exists(video):
+    raise FileNotFoundError(f"video not found: {video}")
+  ckpt_dir = os.path.join(workdir, "finetune", "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"no fine-tuning checkpoints in {ckpt_dir}; run mode=finetune with "
+                            "this --workdir first")
+  ckpt = Checkpointer(ckpt_dir, best_metric=f.get("select_metric"),
+                      best_mode=f.get("select_mode", "max"), async_save=False)
+  has_best = ckpt.best is not None and ckpt.best.best_step() is not None
+  use_ema = bool(config.evaluate.get("use_ema") and f.get("ema_decay"))
+  params = ckpt.restore_params(which="best" if has_best else "latest", use_ema=use_ema)
+  ckpt.close()
+
+  kwargs = dict(config.model)
+  if isinstance(kwargs.get("dtype"), str):
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  model = create_model(config.model_name, head="phase", num_classes=int(f.num_classes), **kwargs)
+  runner = StreamingRunner(model, {"params": params}, head=jax.nn.softmax)
+  names = list(f.get("class_names") or [str(k) for k in range(int(f.num_classes))])
+  output = output or os.path.join(workdir, os.path.splitext(os.path.basename(video))[0] + ".csv")
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w", newline="") as fh:
+    writer = csv.writer(fh)
+    writer.writerow(["frame", "prediction"] + [f"prob_{n}" for n in names])
+    for i, probs in enumerate(runner.run_video(video)):
+      writer.writerow([i, names[int(np.argmax(probs))]] + [f"{p:.6f}" for p in probs])
+  print(f"stream: {runner.frames_seen} frames of {video} -> {output}")
+  return output
