@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One batched run of the GPU checks and benchmarks, for a single-GPU machine without network
+# (the lent H100 of our workplace), writing logs under $OUT (default ./out):
+#
+#   bash launch/gpu_wheels.sh --mamba-ssm          # once, on a machine with network
+#   bash launch/device_bench.sh check sweep scan stream evim3 train_step
+#
+# Steps run in the order given; each logs to $OUT/<step>.log and a failure does not stop the
+# others. "scan" waits for the mamba_ssm build that starts in the background at the beginning
+# (when its source distribution was carried in .whl/src/), so its table has the CUDA peer column.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.85}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, flax, triton, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'triton', triton.__version__, 'torch', torch.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/env.log"
+
+MAMBA_BUILD=/tmp/mamba_build
+sdist=$(ls .whl/src/mamba_ssm-*.tar.gz 2>/dev/null | head -1)
+build_pid=""
+if [[ -n "$sdist" ]]; then
+  # nice: the build shares the CPU with the benchmarks' host threads.
+  nice -n 19 python3 -m vidssm_jax.bench.mamba_ssm_build "$sdist" "$MAMBA_BUILD" \
+    >"$OUT/mamba_build.log" 2>&1 &
+  build_pid=$!
+fi
+
+run() {  # run NAME CMD...: logs to $OUT/NAME.log, prints its tail
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name: $*"
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+  echo "=== $name: rc=$rc, $((SECONDS - start)) s"
+}
+
+for step in "$@"; do
+  case $step in
+    check) run check python3 -m vidssm_jax.bench.scan --check ;;
+    sweep) run sweep python3 -m vidssm_jax.bench.scan --sweep ;;
+    scan)
+      if [[ -n "$build_pid" ]]; then
+        wait "$build_pid"; echo "mamba_ssm build rc=$?"; tail -n 3 "$OUT/mamba_build.log"
+        export VIDSSM_MAMBA_BUILD=$MAMBA_BUILD
+      fi
+      run scan python3 -m vidssm_jax.bench.scan ;;
+    scan_assoc) run scan_assoc python3 -m vidssm_jax.bench.scan ;;
+    stream) run stream python3 -m vidssm_jax.bench.stream ;;
+    evim3) run evim3 python3 -m vidssm_jax.bench.evim3 ;;
+    train_step) run train_step python3 -m vidssm_jax.bench.train_step ;;
+    mamba_wait)
+      [[ -n "$build_pid" ]] && { wait "$build_pid"; echo "mamba_ssm build rc=$?"; }
+      tail -n 5 "$OUT/mamba_build.log"
+      ls -la "$MAMBA_BUILD/ext" 2>/dev/null | grep -E "\.so$" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Downloads the wheels the lent GPU machine lacks (it has jax, flax, optax, orbax, torch, triton,
+# but no network and no grain / array_record / ml_collections / jax_triton) into .whl/ (git-ignored),
+# for Python 3.12 on manylinux x86_64. A device run then installs them first:
+#
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#
+# With --mamba-ssm it also fetches the mamba_ssm source distribution into .whl/src/, which
+# vidssm_jax/bench/mamba_ssm_build.py compiles for sm_90 inside the run (never committed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+platforms=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+         manylinux_2_24_x86_64 manylinux_2_31_x86_64; do
+  platforms+=(--platform "$p")
+done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${platforms[@]}" -d .whl \
+  "grain==0.2.18" "array-record==0.8.6" "ml-collections==1.1.0" "portpicker" "jax-triton==0.3.1"
+if [[ "${1:-}" == "--mamba-ssm" ]]; then
+  mkdir -p .whl/src
+  url=$(python3 - <<'PY'
+import json, urllib.request
+d = json.load(urllib.request.urlopen("https://pypi.org/pypi/mamba-ssm/json"))
+print(next(u["url"] for u in d["releases"]["2.3.2.post1"] if u["packagetype"] == "sdist"))
+PY
+)
+  curl -sSL -o .whl/src/mamba_ssm-2.3.2.post1.tar.gz "$url"
+fi
+ls -la .whl .whl/src 2>/dev/null
