@@ -79,11 +79,15 @@ def ensure_data(config) -> None:
   """Writes synthetic shards when the config asks for them and they are missing."""
   d = config.data
   if d.synthetic:
-    if not shards.has_complete_index(d.dir):
+    # Only process 0 writes (hosts may share the folder); the others wait for it.
+    if jax.process_index() == 0 and not shards.has_complete_index(d.dir):
       print(f"writing {d.synthetic_num} synthetic {d.synthetic} clips to {d.dir} ...")
       shards.write_synthetic(d.synthetic, d.synthetic_num, d.dir, size=d.image_size,
                              num_frames=d.get("synthetic_frames", 2 * d.num_frames * d.stride),
                              seed=config.seed)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("vidssm_jax: synthetic shards written")
   elif not d.dir or not os.path.isdir(d.dir):
     raise ConfigError(f"data.dir {d.dir!r} does not exist; write shards with "
                       "`python -m vidssm_jax.data.shards` or set data.synthetic=echo")
