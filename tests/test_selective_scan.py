@@ -1,6 +1,8 @@
 """selective_scan: every backend against a float64 NumPy oracle written here, gradients,
 memory of the chunked backend, and input checks."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ from jax.test_util import check_grads
 
 from conftest import rel_err, x64
 from vidssm_jax.ops import selective_scan, selective_scan_step
-from vidssm_jax.ops.selective_scan import available_backends
+from vidssm_jax.ops.selective_scan import (auto_backend, available_backends, register_backend,
+                                           resolve_backend)
 
 BACKENDS = ["reference", "associative"]
 
@@ -227,3 +230,51 @@ def _bad(**overrides):
 def test_bad_input_names_argument_and_shapes(overrides, pattern):
   with pytest.raises(ValueError, match=pattern):
     selective_scan(**_bad(**overrides))
+
+
+def test_auto_uses_per_platform_priorities_and_named_only_backends():
+  # The module itself (the package exports the function under the same name).
+  ss = importlib.import_module("vidssm_jax.ops.selective_scan")
+  # "pallas" runs on CPU only when named (interpret mode): "auto" never picks it there.
+  assert ss._BACKENDS["pallas"].priorities["cpu"] is None
+  assert auto_backend("cpu") == "associative"
+  calls = []
+
+  def traced_associative(*args, **kwargs):
+    calls.append(kwargs["reverse"])
+    return ss._BACKENDS["associative"].fn(*args, **kwargs)
+
+  try:
+    register_backend("test_first", traced_associative, priority={"cpu": 99, "gpu": None})
+    register_backend("test_tpu_only", traced_associative, priority={"tpu": 1})
+    assert auto_backend("cpu") == "test_first" and auto_backend("gpu") != "test_first"
+    x = make_inputs(2, 1, 9, 4, 3, 1)
+    ref, _ = numpy_selective_scan(**x, reverse=True)
+    assert rel_err(selective_scan(**x, reverse=True), ref) <= 1e-5 and calls == [True]
+    assert "test_tpu_only" not in available_backends("cpu")
+    with pytest.raises(ValueError, match="backend 'test_tpu_only' does not run on 'cpu'"):
+      resolve_backend("test_tpu_only")
+  finally:
+    ss._BACKENDS.pop("test_first", None)
+    ss._BACKENDS.pop("test_tpu_only", None)
+  assert auto_backend("cpu") == "associative"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_contract_takes_raw_inputs(backend):
+  # A backend receives B, C with the group axis, D / z / delta_bias possibly None, the state
+  # dtype's h0, and returns y in u's dtype with the last state in the state dtype.
+  x = make_inputs(6, 2, 13, 4, 3, 2, h0=True, dtype=np.float32)
+  x = {k: jnp.asarray(v) for k, v in x.items()}
+  fn = resolve_backend(backend).fn
+  for extras in (True, False):
+    kw = {k: (x[k] if extras else None) for k in ("D", "z", "delta_bias")}
+    y, h = fn(x["u"].astype(jnp.bfloat16), x["delta"], x["A"], x["B"], x["C"], kw["D"], kw["z"],
+              kw["delta_bias"], x["initial_state"], delta_softplus=True, reverse=True,
+              chunk_size=4)
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    ref_y, ref_h = numpy_selective_scan(
+        np.asarray(x["u"].astype(jnp.bfloat16), np.float64), x["delta"], x["A"], x["B"], x["C"],
+        kw["D"], kw["z"], kw["delta_bias"], delta_softplus=True, reverse=True,
+        h0=x["initial_state"])
+    assert rel_err(y, ref_y) <= 2e-2 and rel_err(h, ref_h) <= 1e-5

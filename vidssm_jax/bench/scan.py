@@ -1,21 +1,54 @@
-"""Selective-scan benchmark: backend × shape → median forward / forward+backward time.
+"""Selective-scan benchmark and check: every backend here, and PyTorch's mamba_ssm beside them.
 
-    python -m vidssm_jax.bench.scan                      # default shapes for this platform
-    python -m vidssm_jax.bench.scan --shapes 8,1568,768,16 --dtype bfloat16
+    python -m vidssm_jax.bench.scan                  # speed table (GPU: the issue's four shapes)
+    python -m vidssm_jax.bench.scan --check          # every backend vs a float64 NumPy oracle
+    python -m vidssm_jax.bench.scan --sweep          # fused-kernel variants at (8, 1568, 768, 16)
+    python -m vidssm_jax.bench.scan --compile-only   # offline sm_90 compile (CPU, needs triton)
 
-For each shape (b, l, d, n) it times every backend registered for the platform on the same
-inputs (u, delta, z, B, C, D, delta_bias, softplus, as the Mamba mixer calls it) and prints the
-median time, and the achieved bandwidth as a fraction of the memory floor: the bytes of the inputs
-read once plus the outputs written once, over the device's bandwidth. On CPU the bandwidth is
-measured in this process with a large device copy; on GPU it is measured the same way (a
-device-to-device copy, bytes read + written), so the fraction is against what this machine can
-really move.
+Common flags: ``--shapes b,l,d,n ...``, ``--dtypes float32 bfloat16``, ``--backends ...``.
+
+**Table.** For each shape (b, l, d, n) and dtype, every backend registered for the platform runs
+on the same inputs (u, delta, z, B, C, A, D, delta_bias, softplus: the Mamba mixer's call) and
+prints the median forward and forward+backward time (a VJP with a random cotangent) and the
+fraction of the memory floor they reach: the bytes of the inputs read once plus the outputs
+written once (forward+backward: also dy read, the inputs read again and their gradients
+written), over the copy bandwidth measured in this process (a large jitted elementwise copy,
+bytes read + written). On GPU, PyTorch's ``mamba_ssm`` ``selective_scan_fn`` runs on the same
+inputs in the same process, timed with CUDA events: built by ``bench/mamba_ssm_build.py`` into
+``$VIDSSM_MAMBA_BUILD`` (or importable as ``mamba_ssm``); when neither works, a pure-PyTorch
+reference scan (mamba_ssm's ``selective_scan_ref``) is timed instead and labelled so. The
+summary at the end gives, per shape and dtype, the fastest fused backend against mamba_ssm and
+against the associative backend.
+
+**Check.** On the current device, every backend's forward output, final state and gradients of
+u, delta, A, B, C, D, z, delta_bias and initial_state against a float64 NumPy oracle (forward
+and reverse-mode, written here), on fresh random inputs for the awkward cases of the tests
+(lengths 1, 7, 257, 1000; groups 1 and 2; reverse; initial state; with and without D, z,
+delta_bias); float32 within 1e-5 and bfloat16 within 2e-2 relative. The fused kernels run with
+their outputs pre-filled (NaN for Pallas, zeros for Triton) so a missed element shows.
+
+**Sweep.** Times block-shape variants of the fused kernels (forward, forward+backward) at
+(8, 1568, 768, 16) and prints the best per backend: the numbers to put into their
+``DEFAULT_CONFIG``. All variants compile in parallel threads first.
+
+**Compile only.** Compiles the default and sweep variants of both fused kernels for sm_90
+with the ``triton`` package (no GPU needed) and prints registers, spills and instruction counts
+per kernel: the cheap way to see whether a block shape spills before spending GPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
+import math
+import os
+import re
 import statistics
+import subprocess
+import sys
+import threading
+from typing import Optional
 import time
 
 import jax
@@ -26,29 +59,48 @@ from vidssm_jax.ops.selective_scan import available_backends, selective_scan
 
 CPU_SHAPES = [(2, 512, 256, 16), (1, 2048, 128, 16), (8, 197, 192, 16)]
 GPU_SHAPES = [(8, 1568, 768, 16), (1, 3136, 768, 16), (32, 197, 768, 16), (4, 8192, 1536, 16)]
+SWEEP_SHAPE = (8, 1568, 768, 16)
+FUSED = ("pallas", "triton")
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+_REFERENCE_MAX_ELEMENTS = 1 << 28  # b·l·d·n up to which the pure-PyTorch reference is timed
 
 
-def median_ms(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
-  """Median wall time of ``fn(*args)`` in ms, after warm-up, synchronising on the result."""
+# --------------------------------------------------------------------------------------------
+# Timing and the memory floor
+# --------------------------------------------------------------------------------------------
+
+
+def median_ms(fn, *args, warmup: int = 2, repeats: int = 10, inner: int = 1) -> float:
+  """Median wall time of ``fn(*args)`` in ms, after warm-up, synchronising on the result.
+
+  ``inner`` calls are issued back to back per sample (one synchronisation), which hides the
+  host's dispatch time behind the device's work for short kernels.
+  """
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) * 1e3 / inner)
   return statistics.median(times)
 
 
-def copy_bandwidth_gbs(num_bytes: int = 1 << 28) -> float:
-  """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written."""
-  x = jnp.ones((num_bytes // 4,), jnp.float32)
+def copy_bandwidth_gbs(num_bytes: Optional[int] = None) -> float:
+  """Measured device copy bandwidth in GB/s, counting bytes read plus bytes written: a 1 GiB
+  (CPU: 128 MiB) jitted elementwise copy, 10 back to back per sample (a single 0.3 ms copy measured only
+  1.2 TB/s on an H100, where back-to-back copies reach the ~3 TB/s the card moves)."""
+  num_bytes = num_bytes or (1 << 30 if jax.default_backend() == "gpu" else 1 << 27)
+  x = jax.random.normal(jax.random.key(0), (num_bytes // 4,), jnp.float32)
   copy = jax.jit(lambda a: a * 1.0001)
-  ms = median_ms(copy, x, repeats=5)
+  ms = median_ms(copy, x, repeats=5, inner=10)
   return 2 * num_bytes / (ms * 1e-3) / 1e9
 
 
 def make_inputs(b, l, d, n, dtype, seed=0):
+  """The Mamba mixer's scan inputs, random (never zeros: they hide unwritten outputs)."""
   k = jax.random.split(jax.random.key(seed), 8)
   f = lambda key, shape, scale=1.0: (jax.random.normal(key, shape) * scale).astype(dtype)
   return dict(
@@ -71,58 +123,669 @@ def floor_bytes(b, l, d, n, itemsize):
   return forward, forward + (y + inputs + inputs)
 
 
-def bench_shape(shape, dtype, backends, bandwidth):
+def _scan_fn(backend: str, config=None):
+  """``f(x) -> y`` for the mixer's call, through the public entry or a fused config."""
+  if config is None:
+    return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                    x["delta_bias"], delta_softplus=True, backend=backend)
+  entry = _fused_entry(backend)
+  return lambda x: entry(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                         x["delta_bias"], True, config=config)
+
+
+def _fused_entry(backend: str):
+  if backend == "pallas":
+    from vidssm_jax.ops.selective_scan_pallas import selective_scan_pallas
+    return selective_scan_pallas
+  from vidssm_jax.ops.selective_scan_triton import selective_scan_triton
+  return selective_scan_triton
+
+
+def _jitted_pair(fn, x):
+  """(forward, forward+backward) jitted; the backward is a VJP with a random cotangent."""
+  dy = jax.random.normal(jax.random.key(1), x["u"].shape, jnp.float32).astype(x["u"].dtype)
+
+  def fwd_bwd(x, dy):
+    y, vjp = jax.vjp(fn, x)
+    return vjp(dy)[0]
+
+  return jax.jit(fn), jax.jit(fwd_bwd), dy
+
+
+_TRITON_LOWERING = threading.Lock()
+
+
+def _compile_all(jobs, workers=None):
+  """Lowers and compiles ``{key: (jitted, args)}`` in parallel threads; ``{key: compiled or
+  the exception}``. XLA (and the Pallas kernels' Triton compile inside it) releases the GIL;
+  jax_triton compiles its kernels in Python while lowering, so those lowerings take turns
+  (Triton's compiler is not known to be thread-safe) while the rest goes on."""
+  workers = workers or min(16, os.cpu_count() or 1)
+
+  def build(item):
+    key, (fn, args) = item
+    try:
+      if "triton" in key:
+        with _TRITON_LOWERING:
+          lowered = fn.lower(*args)
+      else:
+        lowered = fn.lower(*args)
+      return key, lowered.compile()
+    except Exception as e:  # a variant that does not compile is reported, not fatal
+      return key, e
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return dict(pool.map(build, jobs.items()))
+
+
+def _short_error(e: Exception) -> str:
+  text = f"{type(e).__name__}: {e}".splitlines()[0]
+  return text[:100]
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch peer: mamba_ssm's selective_scan_fn, or a pure-PyTorch reference
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False):
+  """mamba_ssm's ``selective_scan_ref``: u, delta, z (b, d, l); B, C (b, n, l); A (d, n)."""
+  import torch
+  import torch.nn.functional as F
+  dtype_in = u.dtype
+  u, delta = u.float(), delta.float()
+  if delta_bias is not None:
+    delta = delta + delta_bias[..., None].float()
+  if delta_softplus:
+    delta = F.softplus(delta)
+  delta_a = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+  delta_b_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B.float(), u)
+  x, ys = A.new_zeros((u.shape[0], u.shape[1], A.shape[1])), []
+  for i in range(u.shape[2]):
+    x = delta_a[:, :, i] * x + delta_b_u[:, :, i]
+    ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i].float()))
+  out = torch.stack(ys, dim=2)
+  out = out if D is None else out + u * D[:, None]
+  out = out if z is None else out * F.silu(z.float())
+  return out.to(dtype_in)
+
+
+def torch_peer():
+  """``(selective_scan_fn, label)``: mamba_ssm's CUDA kernel if it can be loaded, else the
+  pure-PyTorch reference; ``(None, reason)`` without PyTorch or CUDA."""
+  try:
+    import torch
+  except ImportError:
+    return None, "PyTorch not installed"
+  if not torch.cuda.is_available():
+    return None, "PyTorch sees no CUDA device"
+  reasons = []
+  build_dir = os.environ.get("VIDSSM_MAMBA_BUILD")
+  if build_dir:
+    try:
+      from vidssm_jax.bench.mamba_ssm_build import load
+      return load(build_dir), "mamba_ssm CUDA"
+    except Exception as e:
+      reasons.append(f"$VIDSSM_MAMBA_BUILD={build_dir}: {_short_error(e)}")
+  try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    return selective_scan_fn, "mamba_ssm CUDA"
+  except Exception as e:
+    reasons.append(f"import mamba_ssm: {_short_error(e)}")
+  print("mamba_ssm unavailable (" + "; ".join(reasons) + ")")
+  return _torch_reference_scan, "torch reference (mamba_ssm not built)"
+
+
+def torch_times(fn, x, dy, repeats=10):
+  """(forward ms, forward+backward ms) of a PyTorch scan on the same inputs, CUDA events."""
+  import torch
+  to_t = lambda a, t=True: torch.from_numpy(np.ascontiguousarray(
+      np.asarray(a.astype(jnp.float32)).transpose(0, 2, 1) if t else np.asarray(a, np.float32)
+  )).cuda()
+  dtype = torch.bfloat16 if x["u"].dtype == jnp.bfloat16 else torch.float32
+  args = dict(u=to_t(x["u"]).to(dtype), delta=to_t(x["delta"]).to(dtype),
+              A=to_t(x["A"], False), B=to_t(x["B"]).to(dtype), C=to_t(x["C"]).to(dtype),
+              D=to_t(x["D"], False), z=to_t(x["z"]).to(dtype),
+              delta_bias=to_t(x["delta_bias"], False))
+  dout = to_t(dy).to(dtype)
+  for a in args.values():
+    a.requires_grad_(True)
+  leaves = list(args.values())
+  fwd = lambda: fn(**args, delta_softplus=True)
+  fwd_bwd = lambda: torch.autograd.grad(fwd(), leaves, dout)
+
+  def median(f):
+    for _ in range(2):
+      f()
+    times = []
+    for _ in range(repeats):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      f()
+      end.record()
+      torch.cuda.synchronize()
+      times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+  with torch.no_grad():
+    f_ms = median(fwd)
+  return f_ms, median(fwd_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def run_table(shapes, dtypes, backends, *, with_torch: bool):
+  bandwidth = copy_bandwidth_gbs()
+  peer, peer_label = torch_peer() if with_torch else (None, "skipped (no GPU, or --no-torch)")
+  print(f"memory floor uses the copy bandwidth measured here: {bandwidth:.1f} GB/s "
+        "(bytes read + written by a large jitted elementwise copy)")
+  print(f"PyTorch peer: {peer_label}")
+  # Every program compiles first, in parallel; then each is timed alone.
+  inputs, jobs = {}, {}
+  for dtype in dtypes:
+    for shape in shapes:
+      x = make_inputs(*shape, dtype)
+      for backend in backends:
+        fwd, fb, dy = _jitted_pair(_scan_fn(backend), x)
+        jobs[(shape, dtype, backend, "f")] = (fwd, (x,))
+        jobs[(shape, dtype, backend, "fb")] = (fb, (x, dy))
+      inputs[(shape, dtype)] = (x, dy)
+  start = time.perf_counter()
+  compiled = _compile_all(jobs)
+  print(f"{len(jobs)} programs compiled in {time.perf_counter() - start:.0f} s")
+  inner = 10 if jax.default_backend() == "gpu" else 1
+  results = {}  # (shape, dtype, backend) -> (fwd ms, fb ms) or an error string
+  for dtype in dtypes:
+    for shape in shapes:
+      x, dy = inputs[(shape, dtype)]
+      for backend in backends:
+        f, fb = compiled[(shape, dtype, backend, "f")], compiled[(shape, dtype, backend, "fb")]
+        if isinstance(f, Exception) or isinstance(fb, Exception):
+          results[(shape, dtype, backend)] = _short_error(f if isinstance(f, Exception) else fb)
+          continue
+        results[(shape, dtype, backend)] = (median_ms(f, x, inner=inner),
+                                            median_ms(fb, x, dy, inner=inner))
+      if peer is not None:
+        if peer is _torch_reference_scan and math.prod(shape) > _REFERENCE_MAX_ELEMENTS:
+          # Its (b, d, l, n) intermediates and Python loop over l take minutes and gigabytes.
+          results[(shape, dtype, "torch")] = "skipped: too large for the pure-PyTorch reference"
+        else:
+          try:
+            results[(shape, dtype, "torch")] = torch_times(
+                peer, x, dy, repeats=3 if peer is _torch_reference_scan else 10)
+          except Exception as e:
+            results[(shape, dtype, "torch")] = _short_error(e)
+      _print_rows(shape, dtype, backends + (["torch"] if peer else []), results, bandwidth,
+                  peer_label)
+  _print_summary(shapes, dtypes, backends, results, peer_label)
+
+
+def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
   b, l, d, n = shape
-  x = make_inputs(b, l, d, n, dtype)
-  rows = []
-  for backend in backends:
-    def fwd(x):
-      return selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                            x["delta_bias"], delta_softplus=True, backend=backend)
+  fwd_bytes, fb_bytes = floor_bytes(b, l, d, n, jnp.dtype(dtype).itemsize)
+  floor = lambda nbytes: nbytes / (bandwidth * 1e9) * 1e3
+  print(f"\n{str(shape):<22} {jnp.dtype(dtype).name}: floor fwd {floor(fwd_bytes):.4f} ms, "
+        f"fwd+bwd {floor(fb_bytes):.4f} ms")
+  print(f"  {'backend':<40} {'fwd ms':>9} {'fwd %floor':>10} {'f+b ms':>9} {'f+b %floor':>10}")
+  for name in names:
+    r = results.get((shape, dtype, name))
+    label = peer_label if name == "torch" else name
+    if isinstance(r, str):
+      print(f"  {label:<40} failed: {r}")
+    elif r is not None:
+      f_ms, fb_ms = r
+      print(f"  {label:<40} {f_ms:9.3f} {100 * floor(fwd_bytes) / f_ms:9.1f}% {fb_ms:9.3f} "
+            f"{100 * floor(fb_bytes) / fb_ms:9.1f}%")
 
-    def loss(x):
-      return jnp.sum(fwd(x).astype(jnp.float32))
 
-    f_ms = median_ms(jax.jit(fwd), x)
-    fb_ms = median_ms(jax.jit(jax.grad(loss)), x)
-    fwd_bytes, fb_bytes = floor_bytes(b, l, d, n, jnp.dtype(dtype).itemsize)
-    fwd_floor_ms = fwd_bytes / (bandwidth * 1e9) * 1e3
-    fb_floor_ms = fb_bytes / (bandwidth * 1e9) * 1e3
-    rows.append((shape, backend, f_ms, fb_ms, fwd_floor_ms / f_ms, fb_floor_ms / fb_ms,
-                 fwd_floor_ms))
-  return rows
+def _print_summary(shapes, dtypes, backends, results, peer_label):
+  fused = [b for b in backends if b in FUSED]
+  if not fused:
+    return
+  print(f"\nsummary: best fused backend vs {peer_label} and vs associative (ratios < 1: ours "
+        "faster)")
+  print(f"  {'shape':<22} {'dtype':<9} {'fwd':>16} {'f+b':>16} {'/torch f':>9} "
+        f"{'/torch fb':>9} {'/assoc f':>9} {'/assoc fb':>9}")
+  for dtype in dtypes:
+    for shape in shapes:
+      times = {b: results.get((shape, dtype, b)) for b in fused}
+      times = {b: t for b, t in times.items() if isinstance(t, tuple)}
+      if not times:
+        continue
+      bf = min(times, key=lambda b: times[b][0])
+      bfb = min(times, key=lambda b: times[b][1])
+      f, fb = times[bf][0], times[bfb][1]
+      ratio = lambda a, ref: f"{a / ref:9.2f}" if isinstance(ref, (int, float)) else f"{'-':>9}"
+      peer = results.get((shape, dtype, "torch"))
+      assoc = results.get((shape, dtype, "associative"))
+      peer = peer if isinstance(peer, tuple) else (None, None)
+      assoc = assoc if isinstance(assoc, tuple) else (None, None)
+      print(f"  {str(shape):<22} {jnp.dtype(dtype).name:<9} {f:7.3f} {bf:<8} {fb:7.3f} "
+            f"{bfb:<8} {ratio(f, peer[0])} {ratio(fb, peer[1])} {ratio(f, assoc[0])} "
+            f"{ratio(fb, assoc[1])}")
+
+
+# --------------------------------------------------------------------------------------------
+# The check: a float64 NumPy oracle, forward and reverse mode
+# --------------------------------------------------------------------------------------------
+
+
+def numpy_scan_and_vjp(x, *, reverse, dy, dh):
+  """y, h_last and the gradients of <y, dy> + <h_last, dh>, in float64 (softplus on).
+
+  ``x``: dict of the public entry's arguments (B, C with or without the group axis).
+  """
+  f64 = lambda k: None if x.get(k) is None else np.asarray(x[k], np.float64)
+  u, delta, A, B, C, D, z, bias, h0 = map(f64, GRAD_NAMES)
+  b, l, d = u.shape
+  n = A.shape[1]
+  B4, C4 = (B[:, :, None], C[:, :, None]) if B.ndim == 3 else (B, C)
+  g = B4.shape[2]
+  group = np.arange(d) // (d // g)
+  pre = delta + (0 if bias is None else bias)
+  dt = np.logaddexp(pre, 0.0)
+  order = list(range(l - 1, -1, -1)) if reverse else list(range(l))
+  h = np.zeros((b, d, n)) if h0 is None else h0.copy()
+  before, after, y_scan = {}, {}, np.zeros((b, l, d))
+  for t in order:
+    before[t] = h
+    h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B4[:, t][:, group]
+    after[t] = h
+    y_scan[:, t] = np.sum(h * C4[:, t][:, group], -1)
+  y_pre = y_scan + (0 if D is None else u * D)
+  y = y_pre if z is None else y_pre * z / (1 + np.exp(-z))
+  h_last = h
+  grads = {}
+  dy = np.asarray(dy, np.float64)
+  if z is not None:
+    sz = 1 / (1 + np.exp(-z))
+    grads["z"] = dy * y_pre * sz * (1 + z * (1 - sz))
+    dy = dy * z * sz
+  du = np.zeros_like(u) if D is None else dy * D
+  ddt = np.zeros_like(u)
+  dA, dB4, dC4 = np.zeros_like(A), np.zeros_like(B4), np.zeros_like(C4)
+  lam = np.asarray(dh, np.float64).copy()
+  for t in reversed(order):
+    Bt, Ct = B4[:, t][:, group], C4[:, t][:, group]
+    lam = lam + dy[:, t, :, None] * Ct
+    a = np.exp(dt[:, t, :, None] * A)
+    da = lam * before[t] * a
+    ddt[:, t] = np.sum(da * A, -1) + np.sum(lam * Bt, -1) * u[:, t]
+    du[:, t] += np.sum(lam * Bt, -1) * dt[:, t]
+    dA += np.sum(da * dt[:, t, :, None], 0)
+    for gi in range(g):
+      chans = group == gi
+      dB4[:, t, gi] = np.sum(lam[:, chans] * (dt[:, t] * u[:, t])[:, chans, None], 1)
+      dC4[:, t, gi] = np.sum(after[t][:, chans] * dy[:, t, chans, None], 1)
+    lam = a * lam
+  ddelta = ddt / (1 + np.exp(-pre))
+  grads.update(u=du, delta=ddelta, A=dA, B=dB4.reshape(B.shape), C=dC4.reshape(C.shape))
+  if D is not None:
+    grads["D"] = np.sum(dy * u, (0, 1))
+  if bias is not None:
+    grads["delta_bias"] = np.sum(ddelta, (0, 1))
+  if h0 is not None:
+    grads["initial_state"] = lam
+  return y, h_last, grads
+
+
+# (length, groups, reverse, initial state, D / z / delta_bias), as in the tests.
+CHECK_CASES = [(1, 1, False, False, True), (1, 2, True, True, True), (7, 1, False, True, False),
+               (7, 2, True, False, True), (257, 1, True, True, True), (257, 2, False, False, False),
+               (1000, 1, False, True, True), (1000, 2, True, True, True)]
+BF16_CHECK_CASES = [CHECK_CASES[1], CHECK_CASES[4], CHECK_CASES[7]]
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def _case_name(case, n):
+  l, g, reverse, h0, extras = case
+  return f"l{l}-g{g}-n{n}" + ("-rev" if reverse else "") + ("-h0" if h0 else "") + (
+      "-DzB" if extras else "")
+
+
+def _check_inputs(case, n, d, dtype, seed):
+  l, g, reverse, h0, extras = case
+  rng = np.random.default_rng(seed)
+  b = 2
+  x = dict(u=rng.normal(size=(b, l, d)), delta=rng.normal(size=(b, l, d)) * 0.5 - 1.0,
+           A=-np.exp(rng.normal(size=(d, n)) * 0.5), B=rng.normal(size=(b, l, g, n)),
+           C=rng.normal(size=(b, l, g, n)))
+  if g == 1 and seed % 2:  # also the (b, l, n) form of B and C
+    x["B"], x["C"] = x["B"][:, :, 0], x["C"][:, :, 0]
+  if extras:
+    x.update(D=rng.normal(size=(d,)), z=rng.normal(size=(b, l, d)),
+             delta_bias=rng.normal(size=(d,)) * 0.3)
+  if h0:
+    x["initial_state"] = rng.normal(size=(b, d, n))
+  x = {k: jnp.asarray(v, dtype) for k, v in x.items()}
+  dy = jnp.asarray(rng.normal(size=(b, l, d)), dtype)
+  dh = jnp.asarray(rng.normal(size=(b, d, n)), jnp.float32)
+  return x, dy, dh
+
+
+def _check_fn(backend, names, reverse):
+  """jit-able f(args, dy, dh) -> (y, h, grads) through the backend (fused: outputs prefilled)."""
+  if backend in FUSED:
+    if backend == "pallas":
+      from vidssm_jax.ops import selective_scan_pallas as m
+      config = dataclasses.replace(m.DEFAULT_CONFIG, poison_outputs=True)
+    else:
+      from vidssm_jax.ops import selective_scan_triton as m
+      config = dataclasses.replace(m.DEFAULT_CONFIG, zero_outputs=True)
+    entry = _fused_entry(backend)
+    scan = lambda **kw: entry(**kw, config=config)
+  else:
+    scan = lambda **kw: selective_scan(**kw, backend=backend)
+
+  def run(args, dy, dh):
+    f = lambda *a: scan(**dict(zip(names, a)), delta_softplus=True, reverse=reverse,
+                        return_final_state=True)
+    (y, h), vjp = jax.vjp(f, *args)
+    return y, h, vjp((dy, dh))
+
+  return jax.jit(run)
+
+
+def run_check(backends, dtypes, *, d=64, seed=0, cases=None):
+  """Prints one row per (backend, dtype, case) and a PASS/FAIL summary; returns #failures."""
+  print(f"check: every backend vs a float64 NumPy oracle: y, h_last and the gradients of "
+        f"{', '.join(GRAD_NAMES)}; batch 2, {d} channels; tolerance "
+        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + " (relative)")
+  jobs, inputs = {}, {}
+  for bi, backend in enumerate(backends):
+    for dtype in dtypes:
+      name = jnp.dtype(dtype).name
+      default = CHECK_CASES if name == "float32" else BF16_CHECK_CASES
+      for ci, case in enumerate(cases or default):
+        n = 16 if ci % 2 else 5  # the real state size, and one that needs padding
+        key = (backend, name, _case_name(case, n))
+        x, dy, dh = _check_inputs(case, n, d, dtype, seed + 1000 * bi + 10 * ci + len(name))
+        names = [k for k in GRAD_NAMES if k in x]
+        args = [x[k] for k in names]
+        jobs[key] = (_check_fn(backend, names, case[2]), (args, dy, dh))
+        inputs[key] = (x, names, dy, dh, case[2])
+  compiled = _compile_all(jobs)
+  print(f"{'backend':<12} {'dtype':<9} {'case':<26} {'worst rel err':>14} {'(output)':<16} result")
+  failures = []
+  for key, fn in compiled.items():
+    x, names, dy, dh, reverse = inputs[key]
+    tol = TOLERANCE[key[1]]
+    if isinstance(fn, Exception):
+      worst, what = math.inf, _short_error(fn)
+    else:
+      y, h, grads = fn(*jobs[key][1])
+      ref_y, ref_h, ref_grads = numpy_scan_and_vjp(x, reverse=reverse, dy=dy, dh=dh)
+      errs = {"y": _rel_err(y, ref_y), "h_last": _rel_err(h, ref_h)}
+      errs.update({f"d{k}": _rel_err(g, ref_grads[k]) for k, g in zip(names, grads)})
+      what = max(errs, key=errs.get)
+      worst = errs[what]
+    ok = worst <= tol
+    if not ok:
+      failures.append(key)
+    print(f"{key[0]:<12} {key[1]:<9} {key[2]:<26} {worst:14.2e} {'(' + what + ')':<16} "
+          f"{'PASS' if ok else 'FAIL'}")
+  for key in failures:
+    print("FAIL:", *key)
+  print(f"summary: {len(compiled) - len(failures)}/{len(compiled)} PASS on "
+        f"{jax.devices()[0].device_kind} ({', '.join(backends)})")
+  return len(failures)
+
+
+def _rel_err(actual, expected) -> float:
+  """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere counts as infinite.
+
+  An expected value that is exactly zero (dA of a length-1 scan from a zero state: there is no
+  earlier state to decay) is compared in absolute terms, ‖actual‖: float32 rounding leaves
+  ~1e-7 there, which a relative error would blow up to ~1e23.
+  """
+  a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  if a.shape != e.shape or not np.all(np.isfinite(a)):
+    return math.inf
+  norm = np.linalg.norm(e)
+  return float(np.linalg.norm(a - e) / norm) if norm > 0 else float(np.linalg.norm(a))
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+def sweep_variants(backend):
+  """(label, config) pairs: the default first, then a handful around it."""
+  if backend == "pallas":
+    from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
+    changes = [dict(), dict(block_d=32, num_warps=4), dict(block_d=64, num_warps=4),
+               dict(block_d=16, num_warps=1), dict(chunk=4), dict(bwd_block_d=8),
+               dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
+               dict(bwd_recompute_decay=False),
+               dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True)]
+  else:
+    from vidssm_jax.ops.selective_scan_triton import DEFAULT_CONFIG as base
+    changes = [dict(), dict(block_d=32), dict(block_d=8), dict(chunk=64, bwd_chunk=32),
+               dict(chunk=16, bwd_chunk=16), dict(bwd_chunk=32),
+               dict(num_warps=1, bwd_num_warps=1), dict(num_warps=2, bwd_num_warps=2),
+               dict(atomic_dbc=True)]
+  out = []
+  for change in changes:
+    label = ",".join(f"{k}={v}" for k, v in change.items()) or "default"
+    out.append((label, dataclasses.replace(base, **change)))
+  return out
+
+
+# The config fields the forward kernel depends on: variants equal in these share its timing.
+_FORWARD_FIELDS = {"pallas": ("block_d", "num_warps", "chunk", "prefetch", "num_stages"),
+                   "triton": ("block_d", "min_block_d", "chunk", "num_warps", "num_stages")}
+
+
+def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):
+  for dtype in dtypes:
+    x = make_inputs(*shape, dtype)
+    jobs, forward_of = {}, {}
+    for backend in [b for b in backends if b in FUSED]:
+      seen = {}
+      for label, config in sweep_variants(backend):
+        fwd, fb, dy = _jitted_pair(_scan_fn(backend, config), x)
+        fields = tuple(getattr(config, f) for f in _FORWARD_FIELDS[backend])
+        forward_of[(backend, label)] = seen.setdefault(fields, label)
+        if forward_of[(backend, label)] == label:  # a forward not timed yet
+          jobs[(backend, label, "f")] = (fwd, (x,))
+        jobs[(backend, label, "fb")] = (fb, (x, dy))
+    start = time.perf_counter()
+    compiled = _compile_all(jobs)
+    print(f"\nsweep at {shape} {jnp.dtype(dtype).name}: {len(jobs)} programs compiled in "
+          f"{time.perf_counter() - start:.0f} s (a variant that changes only the backward "
+          "shares the forward time of the first variant with the same forward)")
+    print(f"  {'backend':<8} {'variant':<44} {'fwd ms':>9} {'f+b ms':>9}")
+    times, best = {}, {}
+    for (backend, label), fwd_label in forward_of.items():
+      for mode in ("f", "fb"):
+        key = (backend, fwd_label if mode == "f" else label, mode)
+        if key not in times:
+          fn = compiled[key]
+          times[key] = (_short_error(fn) if isinstance(fn, Exception)
+                        else median_ms(fn, *jobs[key][1], inner=10))
+      row = [times[(backend, fwd_label, "f")], times[(backend, label, "fb")]]
+      print(f"  {backend:<8} {label:<44} " + " ".join(
+          f"{v:9.3f}" if isinstance(v, float) else f"failed: {v}" for v in row))
+      for value, mode_name in zip(row, ("fwd", "f+b")):
+        if isinstance(value, float) and value < best.get((backend, mode_name), (math.inf,))[0]:
+          best[(backend, mode_name)] = (value, label)
+    for (backend, mode_name), (ms, label) in sorted(best.items()):
+      print(f"  best {backend} {mode_name}: {ms:.3f} ms with {label}")
+
+
+# --------------------------------------------------------------------------------------------
+# Offline compile for sm_90 (no GPU): registers, spills, instruction counts
+# --------------------------------------------------------------------------------------------
+
+
+def _ptx_stats(ptx: str) -> dict:
+  import triton
+  ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+  with open("/tmp/_vidssm_scan.ptx", "w") as f:
+    f.write(ptx)
+  report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "/tmp/_vidssm_scan.ptx", "-o",
+                           "/tmp/_vidssm_scan.cubin"], capture_output=True, text=True).stderr
+  num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else -1
+  return dict(regs=num(r"Used (\d+) registers"), spill=num(r"(\d+) bytes spill stores"),
+              ex2=ptx.count("ex2.approx"), shfl=ptx.count("shfl.sync"),
+              bar=ptx.count("bar.sync"), lines=ptx.count("\n"))
+
+
+def _compile_ttir(text: str, num_warps: int, num_stages: int) -> dict:
+  import tempfile
+  import triton
+  from triton.backends.compiler import GPUTarget
+  with tempfile.NamedTemporaryFile("w", suffix=".ttir", delete=False) as f:
+    f.write(text)
+  kernel = triton.compile(f.name, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+  return _ptx_stats(kernel.asm["ptx"])
+
+
+def pallas_ttir(config, shape, dtype=jnp.float32):
+  """The Triton IR of the Pallas forward and backward kernels for ``shape``, lowered for CUDA
+  on this machine (jax.export), as ``[(name, text)]``. Uses a private hook of jax's Pallas
+  Triton lowering to read the IR text; fails loudly if that hook moves."""
+  from jax._src.pallas.triton import lowering
+  from vidssm_jax.ops.selective_scan_pallas import selective_scan_pallas
+  captured = []
+  original = lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = original(*args, **kwargs)
+    captured.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  b, l, d, n = shape
+  config = dataclasses.replace(config, interpret=False)
+  S = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+  args = (S(b, l, d), S(b, l, d), S(d, n), S(b, l, n), S(b, l, n), S(d), S(b, l, d), S(d))
+
+  def loss(*a):
+    return jnp.sum(selective_scan_pallas(*a, True, config=config).astype(jnp.float32))
+
+  lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    jax.export.export(
+        jax.jit(jax.grad(loss, tuple(range(8)))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args)
+  finally:
+    lowering.lower_jaxpr_to_triton_module = original
+  return list(zip(["fwd", "bwd"], captured))
+
+
+def triton_compile_stats(config, shape, dtype="fp32"):
+  """Compiles the Triton backend's kernels for sm_90 offline; ``[(name, stats)]``."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from vidssm_jax.ops.selective_scan_triton import _pow2_at_least, choose_block_d
+  from vidssm_jax.ops.selective_scan_triton import triton_kernels
+  b, l, d, n = shape
+  common = dict(L=l, DIM=d, G=1, N=_pow2_at_least(n), BLOCK_D=choose_block_d(b, d, 1, config),
+                HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False)
+  forward, backward = triton_kernels()
+  out = []
+  for name, fn, extra, warps in (
+      ("fwd", forward, dict(CHUNK=config.chunk, SAVE=True), config.num_warps),
+      ("bwd", backward, dict(CHUNK=config.bwd_chunk, SAVED_CHUNK=config.chunk,
+                             ATOMIC_DBC=config.atomic_dbc), config.bwd_num_warps)):
+    constexprs = {**common, **extra}
+    half = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr", "dy_ptr", "du_ptr",
+            "ddelta_ptr", "dz_ptr"}
+    signature = {a: "constexpr" if a in constexprs else (f"*{dtype}" if a in half else "*fp32")
+                 for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in constexprs}  # jax_triton's assumption: 16-byte aligned arrays
+    source = triton.compiler.ASTSource(
+        fn=fn, signature=signature, attrs=attrs,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, num_stages=config.num_stages))
+    out.append((name, _ptx_stats(kernel.asm["ptx"])))
+  return out
+
+
+def run_compile_only(backends, shape=SWEEP_SHAPE):
+  print(f"offline sm_90 compile at {shape} float32 (triton's ptxas): registers per thread, "
+        "spill bytes, and ex2 / shfl / bar.sync counts in the PTX")
+  print(f"  {'backend':<8} {'variant':<40} {'kernel':<4} {'regs':>5} {'spill':>6} {'ex2':>5} "
+        f"{'shfl':>6} {'bar':>5} {'ptx lines':>9}")
+  for backend in [b for b in backends if b in FUSED]:
+    for label, config in sweep_variants(backend):
+      try:
+        if backend == "pallas":
+          stats = [(name, _compile_ttir(text, warps, config.num_stages))
+                   for (name, text), warps in zip(pallas_ttir(config, shape),
+                                                  (config.num_warps, config.bwd_num_warps))]
+        else:
+          stats = triton_compile_stats(config, shape)
+      except Exception as e:
+        print(f"  {backend:<8} {label:<40} failed: {_short_error(e)}")
+        continue
+      for name, s in stats:
+        print(f"  {backend:<8} {label:<40} {name:<4} {s['regs']:5d} {s['spill']:6d} "
+              f"{s['ex2']:5d} {s['shfl']:6d} {s['bar']:5d} {s['lines']:9d}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--check", action="store_true", help="compare every backend to the oracle")
+  mode.add_argument("--sweep", action="store_true", help="time fused-kernel variants")
+  mode.add_argument("--compile-only", action="store_true",
+                    help="compile the fused kernels for sm_90 offline (needs triton)")
   parser.add_argument("--shapes", nargs="*", default=None,
-                      help="b,l,d,n tuples; default depends on the platform")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+                      help="b,l,d,n tuples; default depends on the platform and mode")
+  parser.add_argument("--dtypes", nargs="*", default=None, choices=["float32", "bfloat16"],
+                      help="default: both (the check and table), float32 (the sweep)")
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="one dtype (same as --dtypes X)")
   parser.add_argument("--backends", nargs="*", default=None,
-                      help="default: every backend registered for this platform")
+                      help="default: every backend here (the table leaves out 'reference' "
+                           "on GPU, where it takes minutes at these shapes)")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer column")
   args = parser.parse_args(argv)
+  # JAX must leave GPU memory for PyTorch's peer column in the same process.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.7")
 
   platform = jax.default_backend()
-  shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes
-            else (GPU_SHAPES if platform == "gpu" else CPU_SHAPES))
-  backends = args.backends or available_backends()
-  dtype = jnp.dtype(args.dtype)
-  bandwidth = copy_bandwidth_gbs()
+  parse = lambda specs: [tuple(int(v) for v in s.split(",")) for s in specs]
+  dtypes = args.dtypes or ([args.dtype] if args.dtype else None)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({platform}, {jax.device_count()} device(s)); "
-        f"jax {jax.__version__}; dtype {dtype.name}")
-  print(f"memory floor uses the copy bandwidth measured here: {bandwidth:.1f} GB/s "
-        "(bytes read + written by a large jitted elementwise copy)")
-  header = (f"{'shape (b, l, d, n)':<22} {'backend':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-            f"{'fwd %floor':>10} {'f+b %floor':>10} {'floor ms':>9}")
-  print(header)
-  print("-" * len(header))
-  for shape in shapes:
-    for s, backend, f_ms, fb_ms, f_frac, fb_frac, floor_ms in bench_shape(
-        shape, dtype, backends, bandwidth):
-      print(f"{str(s):<22} {backend:<12} {f_ms:9.3f} {fb_ms:11.3f} {100 * f_frac:9.1f}% "
-            f"{100 * fb_frac:9.1f}% {floor_ms:9.4f}")
+        f"jax {jax.__version__}")
+  if args.compile_only:
+    backends = args.backends or list(FUSED)
+    shape = parse(args.shapes)[0] if args.shapes else SWEEP_SHAPE
+    run_compile_only(backends, shape)
+    return 0
+  if args.check:
+    backends = args.backends or available_backends()
+    return 1 if run_check(backends, dtypes or ["float32", "bfloat16"]) else 0
+  if args.sweep:
+    backends = args.backends or [b for b in available_backends() if b in FUSED]
+    if not backends:
+      print("no fused backend runs here (pass --backends pallas to sweep it in interpret mode)")
+      return 0
+    shape = parse(args.shapes)[0] if args.shapes else SWEEP_SHAPE
+    run_sweep(backends, dtypes or ["float32"], shape)
+    return 0
+  shapes = parse(args.shapes) if args.shapes else (GPU_SHAPES if platform == "gpu" else CPU_SHAPES)
+  backends = args.backends or [b for b in available_backends()
+                               if not (platform == "gpu" and b == "reference")]
+  run_table(shapes, dtypes or ["float32", "bfloat16"], backends,
+            with_torch=platform == "gpu" and not args.no_torch)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

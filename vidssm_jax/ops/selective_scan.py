@@ -24,22 +24,35 @@ Backends (``backend=``):
   carried between chunks by ``lax.scan``. The live intermediate is ``O(b·chunk·d·n)``. Its
   custom gradient stores only the chunk-boundary states and recomputes the states inside each
   chunk, so training memory stays linear in ``l·d``.
-- ``"auto"``: the highest-priority backend registered for the current platform. GPU kernels
-  register themselves with :func:`register_backend`.
+- ``"pallas"``: one fused Pallas kernel per direction (``selective_scan_pallas.py``). On GPU it
+  compiles through Pallas' Triton lowering; on CPU it runs only when named, in Pallas interpret
+  mode (that is how CI checks it), and ``"auto"`` never picks it there.
+- ``"triton"``: a hand-written Triton kernel called through ``jax_triton``
+  (``selective_scan_triton.py``), GPU only, imported only when used.
+- ``"auto"``: the highest-priority backend registered for the current platform; the GPU
+  priorities are the constants below, set from ``python -m vidssm_jax.bench.scan`` on an H100.
 
-A backend is a function ``fn(u, dt, A, B, C, h0, *, chunk_size) -> (y_scan, h_last)`` over
-canonical inputs: ``u, dt`` float ``(b, l, d)`` with ``dt`` already discretised (bias and
-softplus applied), ``B, C`` ``(b, l, g, n)``, ``h0`` ``(b, d, n)`` in the state dtype, always
-running forward in time. ``y_scan`` is ``<h_t, C_t>`` in the state dtype. The public entry handles
-validation, ``reverse``, the D skip and the z gate around it, so every backend shares them.
+A backend is a function
+
+    fn(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, reverse, chunk_size)
+        -> (y, h_last)
+
+over the raw inputs (validated by the public entry): ``u, delta, z`` ``(b, l, d)``, ``A``
+``(d, n)``, ``B, C`` ``(b, l, g, n)`` (always with the group axis), ``D, delta_bias`` ``(d,)``
+or ``None``, ``h0`` ``(b, d, n)`` in the state dtype. It returns ``y`` in ``u``'s dtype and the
+last state in the state dtype. Fused kernels do the discretisation, D skip and z gate inside and
+walk the length backwards for ``reverse``; the XLA backends share :func:`scan_backend`, one small
+adapter that discretises and flips before a forward-only scan and adds D and the gate after.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +62,14 @@ Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 64
 
+# "auto" on GPU takes the highest of these among the backends that can run there (the Triton one
+# needs jax_triton installed). Set from the fused-kernel timings of `python -m
+# vidssm_jax.bench.scan` on an H100; change them when new measurements say otherwise.
+PALLAS_GPU_PRIORITY = 30
+TRITON_GPU_PRIORITY = 20
+ASSOCIATIVE_PRIORITY = 10
+REFERENCE_PRIORITY = 0
+
 
 # --------------------------------------------------------------------------------------------
 # Backend registry
@@ -57,39 +78,79 @@ DEFAULT_CHUNK_SIZE = 64
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
+  """A registered backend.
+
+  ``priorities`` maps each platform the backend runs on to its priority for ``"auto"``, or to
+  ``None`` when it runs there only if named explicitly. ``is_available`` says whether its
+  optional dependencies are importable.
+  """
   name: str
   fn: Callable
-  platforms: tuple[str, ...]
-  priority: int  # "auto" takes the highest priority that runs on the current platform.
+  priorities: dict[str, Optional[int]]
+  is_available: Callable[[], bool] = lambda: True
+
+  @property
+  def platforms(self) -> tuple[str, ...]:
+    return tuple(self.priorities)
 
 
 _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(
-    name: str, fn: Callable, *, platforms: Sequence[str] = ("cpu", "gpu", "tpu"), priority: int = 0
+    name: str,
+    fn: Callable,
+    *,
+    platforms: Sequence[str] = ("cpu", "gpu", "tpu"),
+    priority: Union[int, Mapping[str, Optional[int]]] = 0,
+    is_available: Optional[Callable[[], bool]] = None,
 ) -> None:
-  """Registers ``fn`` as ``selective_scan(..., backend=name)`` (see the module docstring)."""
-  _BACKENDS[name] = Backend(name, fn, tuple(platforms), priority)
+  """Registers ``fn`` as ``selective_scan(..., backend=name)`` (see the module docstring).
+
+  ``priority`` is one number for every platform in ``platforms``, or a mapping platform ->
+  priority (its keys are then the platforms); a priority of ``None`` means "runs there, but only
+  when asked for by name", so ``"auto"`` never picks it on that platform.
+  """
+  if isinstance(priority, Mapping):
+    priorities = dict(priority)
+  else:
+    priorities = {p: priority for p in platforms}
+  _BACKENDS[name] = Backend(name, fn, priorities, is_available or (lambda: True))
 
 
 def available_backends(platform: Optional[str] = None) -> list[str]:
   """Names of the backends that run on ``platform`` (default: JAX's default backend)."""
   platform = platform or jax.default_backend()
-  return [b.name for b in _BACKENDS.values() if platform in b.platforms]
+  return [b.name for b in _BACKENDS.values() if platform in b.priorities and b.is_available()]
+
+
+def auto_backend(platform: Optional[str] = None) -> str:
+  """The backend ``"auto"`` resolves to on ``platform`` (default: JAX's default backend)."""
+  platform = platform or jax.default_backend()
+  candidates = [b for b in _BACKENDS.values()
+                if b.priorities.get(platform) is not None and b.is_available()]
+  if not candidates:
+    raise ValueError(f"selective_scan: no backend is registered for platform {platform!r}")
+  return max(candidates, key=lambda b: b.priorities[platform]).name
 
 
 def resolve_backend(backend: str) -> Backend:
   """Maps a backend name (or ``"auto"``) to its registered :class:`Backend`."""
   if backend == "auto":
-    platform = jax.default_backend()
-    candidates = [b for b in _BACKENDS.values() if platform in b.platforms]
-    return max(candidates, key=lambda b: b.priority)
+    return _BACKENDS[auto_backend()]
   if backend not in _BACKENDS:
     raise ValueError(
         f"unknown selective_scan backend {backend!r}; registered: {sorted(_BACKENDS)} or 'auto'"
     )
-  return _BACKENDS[backend]
+  impl = _BACKENDS[backend]
+  platform = jax.default_backend()
+  if platform not in impl.priorities:
+    raise ValueError(f"selective_scan backend {backend!r} does not run on {platform!r}; it runs "
+                     f"on {list(impl.platforms)} (choose another backend or 'auto')")
+  if not impl.is_available():
+    raise ValueError(f"selective_scan backend {backend!r} needs packages that are not installed "
+                     "here (see its module docstring); choose another backend or 'auto'")
+  return impl
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +246,10 @@ def selective_scan(
     reverse: scan from the last step to the first (the state then flows backwards in time).
     initial_state: ``(b, d, n)`` state before the first step scanned; zeros when omitted.
     return_final_state: also return the state after the last step scanned, ``(b, d, n)``.
-    backend: ``"auto"``, ``"reference"``, ``"associative"`` or a registered GPU backend.
-    chunk_size: chunk length of the chunked backends.
+    backend: ``"auto"``, ``"reference"``, ``"associative"``, ``"pallas"``, ``"triton"`` or
+      another registered backend (see the module docstring).
+    chunk_size: chunk length of the ``"associative"`` backend. The fused kernels take their
+      block shapes from their own tuned configuration (``PallasConfig``, ``TritonConfig``).
 
   Returns:
     ``y`` ``(b, l, d)`` in ``u``'s dtype, and the final state ``(b, d, n)`` (float32) when
@@ -197,25 +260,11 @@ def selective_scan(
     raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
   impl = resolve_backend(backend)
   acc = state_dtype(u.dtype)
-
-  dt = delta.astype(acc)
-  if delta_bias is not None:
-    dt = dt + delta_bias.astype(acc)
-  if delta_softplus:
-    dt = jax.nn.softplus(dt)
   B4 = B.reshape(b, l, g, n) if B.ndim == 3 else B
   C4 = C.reshape(b, l, g, n) if C.ndim == 3 else C
   h0 = jnp.zeros((b, d, n), acc) if initial_state is None else initial_state.astype(acc)
-
-  flip = (lambda x: jnp.flip(x, axis=1)) if reverse else (lambda x: x)
-  y, h_last = impl.fn(flip(u), flip(dt), A, flip(B4), flip(C4), h0, chunk_size=chunk_size)
-  y = flip(y)
-
-  if D is not None:
-    y = y + u.astype(acc) * D.astype(acc)
-  if z is not None:
-    y = y * jax.nn.silu(z.astype(acc))
-  y = y.astype(u.dtype)
+  y, h_last = impl.fn(u, delta, A, B4, C4, D, z, delta_bias, h0, delta_softplus=delta_softplus,
+                      reverse=reverse, chunk_size=chunk_size)
   return (y, h_last) if return_final_state else y
 
 
@@ -248,6 +297,49 @@ def selective_scan_step(
       delta_bias, delta_softplus, initial_state=state, return_final_state=True,
       backend="reference")
   return y[:, 0], state
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter shared by the XLA backends
+# --------------------------------------------------------------------------------------------
+
+
+def discretise(delta: Array, delta_bias: Optional[Array], delta_softplus: bool, dtype) -> Array:
+  """dt = softplus(delta + delta_bias) (softplus only if asked), in ``dtype``. (b, l, d)."""
+  dt = delta.astype(dtype)
+  if delta_bias is not None:
+    dt = dt + delta_bias.astype(dtype)
+  return jax.nn.softplus(dt) if delta_softplus else dt
+
+
+def skip_and_gate(y_scan: Array, u: Array, D: Optional[Array], z: Optional[Array]) -> Array:
+  """(y_scan + D * u) * silu(z), in ``y_scan``'s dtype; D and z optional. All (b, l, d)."""
+  acc = y_scan.dtype
+  y = y_scan
+  if D is not None:
+    y = y + u.astype(acc) * D.astype(acc)
+  if z is not None:
+    y = y * jax.nn.silu(z.astype(acc))
+  return y
+
+
+def scan_backend(scan: Callable) -> Callable:
+  """Turns a forward-only scan over discretised inputs into a backend (module docstring).
+
+  ``scan(u, dt, A, B, C, h0, *, chunk_size) -> (y_scan, h_last)`` sees ``u, dt`` ``(b, l, d)``
+  with ``dt`` discretised, ``B, C`` ``(b, l, g, n)``, and returns ``y_scan = <h_t, C_t>`` in the
+  state dtype. The adapter discretises, flips the length for ``reverse`` (and flips ``y`` back),
+  adds the D skip and the z gate, and casts ``y`` to ``u``'s dtype.
+  """
+
+  def backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, reverse, chunk_size):
+    dt = discretise(delta, delta_bias, delta_softplus, h0.dtype)
+    flip = (lambda x: jnp.flip(x, axis=1)) if reverse else (lambda x: x)
+    y, h_last = scan(flip(u), flip(dt), A, flip(B), flip(C), h0, chunk_size=chunk_size)
+    return skip_and_gate(flip(y), u, D, z).astype(u.dtype), h_last
+
+  backend.__name__ = backend.__qualname__ = f"scan_backend({scan.__name__})"
+  return backend
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,5 +517,29 @@ def _scan_associative(u, dt, A, B, C, h0, *, chunk_size=DEFAULT_CHUNK_SIZE):
   return _assoc_scan(u, dt, A, B, C, h0, chunk_size)
 
 
-register_backend("reference", _scan_reference, priority=0)
-register_backend("associative", _scan_associative, priority=10)
+# --------------------------------------------------------------------------------------------
+# Registration. The fused kernels load lazily: importing this module must not import Pallas,
+# Triton or jax_triton (the Triton one needs a GPU jaxlib just to import).
+# --------------------------------------------------------------------------------------------
+
+
+def _lazy_backend(module: str, attr: str) -> Callable:
+  """A backend function that imports ``module`` on its first call."""
+
+  def backend(*args, **kwargs):
+    return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+  backend.__name__ = backend.__qualname__ = f"{module}.{attr}"
+  return backend
+
+
+def _triton_is_available() -> bool:
+  return all(importlib.util.find_spec(m) is not None for m in ("triton", "jax_triton"))
+
+
+register_backend("reference", scan_backend(_scan_reference), priority=REFERENCE_PRIORITY)
+register_backend("associative", scan_backend(_scan_associative), priority=ASSOCIATIVE_PRIORITY)
+register_backend("pallas", _lazy_backend("vidssm_jax.ops.selective_scan_pallas", "pallas_backend"),
+                 priority={"gpu": PALLAS_GPU_PRIORITY, "cpu": None})
+register_backend("triton", _lazy_backend("vidssm_jax.ops.selective_scan_triton", "triton_backend"),
+                 priority={"gpu": TRITON_GPU_PRIORITY}, is_available=_triton_is_available)

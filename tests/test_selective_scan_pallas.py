@@ -1,0 +1,258 @@
+"""Pallas backend: interpret mode on CPU against float64 NumPy oracles (the forward oracle of
+test_selective_scan.py and a reverse-mode oracle written here), on the core tests' awkward
+cases, forward and every gradient; the CUDA lowering of every kernel variant; the registry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err, x64
+from test_selective_scan import CASES, GRAD_NAMES, make_inputs, numpy_selective_scan
+from vidssm_jax.ops import selective_scan
+from vidssm_jax.ops.selective_scan import auto_backend, available_backends
+from vidssm_jax.ops.selective_scan_pallas import PallasConfig, selective_scan_pallas
+
+# Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
+# nothing for a test and cost most of the compile time.
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+# Small chunks keep the unrolled kernels (and so the compile) small; one case uses the default.
+TEST_CONFIG = PallasConfig(chunk=4, block_d=4, bwd_block_d=2)
+
+
+def numpy_selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                             initial_state=None, *, dy, dh, reverse=False):
+  """Gradients of <y, dy> + <h_last, dh> (softplus on), by the adjoint recursion, in float64.
+
+  Returns a dict with the gradient of every input that was given, in its shape.
+  """
+  f64 = lambda v: None if v is None else np.asarray(v, np.float64)
+  u, delta, A, B, C, D, z, delta_bias, h0, dy, dh = map(
+      f64, (u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dh))
+  b, l, d = u.shape
+  n = A.shape[1]
+  B4, C4 = (B[:, :, None], C[:, :, None]) if B.ndim == 3 else (B, C)
+  g = B4.shape[2]
+  group = np.arange(d) // (d // g)
+  x = delta + (0 if delta_bias is None else delta_bias)
+  dt = np.log1p(np.exp(x))
+  order = list(range(l - 1, -1, -1)) if reverse else list(range(l))
+  h = np.zeros((b, d, n)) if h0 is None else h0.copy()
+  before, after, y_scan = {}, {}, np.zeros((b, l, d))
+  for t in order:
+    before[t] = h
+    h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B4[:, t][:, group]
+    after[t] = h
+    y_scan[:, t] = np.sum(h * C4[:, t][:, group], -1)
+  y_pre = y_scan + (0 if D is None else u * D)
+  grads = {}
+  if z is not None:
+    sz = 1 / (1 + np.exp(-z))
+    grads["z"] = dy * y_pre * sz * (1 + z * (1 - sz))
+    dy = dy * z * sz
+  du, ddt = (0 if D is None else dy * D) * np.ones_like(u), np.zeros_like(u)
+  dA, dB4, dC4 = np.zeros_like(A), np.zeros_like(B4), np.zeros_like(C4)
+  lam = dh.copy()
+  for t in reversed(order):
+    Bt, Ct = B4[:, t][:, group], C4[:, t][:, group]  # (b, d, n)
+    lam = lam + dy[:, t, :, None] * Ct
+    a = np.exp(dt[:, t, :, None] * A)
+    da = lam * before[t] * a
+    ddt[:, t] = np.sum(da * A, -1) + np.sum(lam * Bt, -1) * u[:, t]
+    du[:, t] += np.sum(lam * Bt, -1) * dt[:, t]
+    dA += np.sum(da * dt[:, t, :, None], 0)
+    for gi in range(g):
+      chans = group == gi
+      dB4[:, t, gi] = np.sum(lam[:, chans] * (dt[:, t] * u[:, t])[:, chans, None], 1)
+      dC4[:, t, gi] = np.sum(after[t][:, chans] * dy[:, t, chans, None], 1)
+    lam = a * lam
+  ddelta = ddt / (1 + np.exp(-x))
+  grads.update(u=du, delta=ddelta, A=dA, B=dB4.reshape(B.shape), C=dC4.reshape(C.shape))
+  if D is not None:
+    grads["D"] = np.sum(dy * u, (0, 1))
+  if delta_bias is not None:
+    grads["delta_bias"] = np.sum(ddelta, (0, 1))
+  if h0 is not None:
+    grads["initial_state"] = lam
+  return grads
+
+
+def _run(x, *, reverse, config, ct_seed=0):
+  """Forward and VJP of the Pallas backend, compiled once for this input signature."""
+  names = [k for k in GRAD_NAMES if k in x]
+  rng = np.random.default_rng(ct_seed)
+  b, l, d = x["u"].shape
+  n = x["A"].shape[1]
+  ct_y = jnp.asarray(rng.normal(size=(b, l, d)), x["u"].dtype)
+  ct_h = jnp.asarray(rng.normal(size=(b, d, n)), jnp.promote_types(x["u"].dtype, jnp.float32))
+
+  def fwd_vjp(args, ct_y, ct_h):
+    f = lambda *a: selective_scan_pallas(**dict(zip(names, a)), delta_softplus=True,
+                                         reverse=reverse, return_final_state=True, config=config)
+    (y, h), vjp = jax.vjp(f, *args)
+    return y, h, vjp((ct_y, ct_h))
+
+  args = [jnp.asarray(x[k]) for k in names]
+  compiled = jax.jit(fwd_vjp).lower(args, ct_y, ct_h).compile(FAST_COMPILE)
+  y, h, grads = compiled(args, ct_y, ct_h)
+  return y, h, dict(zip(names, grads)), np.asarray(ct_y, np.float64), np.asarray(ct_h)
+
+
+def _case_id(c):
+  return "l{}-g{}-{}{}{}{}".format(c[0], c[1], "G" if c[2] else "", "rev" if c[3] else "",
+                                   "-h0" if c[4] else "", "-DzB" if c[5] else "")
+
+
+# float32 on every case; bfloat16 on three lengths (the casts do not depend on the length).
+BF16_CASES = [CASES[1], CASES[4], CASES[7]]
+PARAMS = ([pytest.param(c, np.float32, 1e-5, id=_case_id(c) + "-f32") for c in CASES] +
+          [pytest.param(c, jnp.bfloat16, 2e-2, id=_case_id(c) + "-bf16") for c in BF16_CASES])
+
+
+@pytest.mark.parametrize("case,dtype,tol", PARAMS)
+def test_forward_and_gradients_match_numpy_oracle(case, dtype, tol):
+  l, g, grouped, reverse, h0, extras = case
+  x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
+  x = {k: jnp.asarray(v, dtype) for k, v in x.items()}
+  y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=TEST_CONFIG, ct_seed=l)
+  assert y.dtype == dtype and y.shape == x["u"].shape
+  assert h.dtype == jnp.float32 and h.shape == (2, 6, 5)
+  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
+                                      delta_softplus=True, reverse=reverse,
+                                      h0=ref.get("initial_state"))
+  assert rel_err(y, ref_y) <= tol
+  assert rel_err(h, ref_h) <= tol
+  ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=reverse)
+  assert set(grads) == set(ref_grads)
+  for name, grad in grads.items():
+    assert grad.shape == x[name].shape and grad.dtype == x[name].dtype, name
+    assert rel_err(grad, ref_grads[name]) <= tol, (name, rel_err(grad, ref_grads[name]))
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(PallasConfig(), id="default"),
+    pytest.param(PallasConfig(chunk=1, block_d=1, bwd_block_d=1), id="chunk1"),
+    pytest.param(PallasConfig(chunk=2, block_d=8, bwd_block_d=4, atomic_dbc=True), id="atomic"),
+])
+def test_kernel_configs_agree_with_oracle(config):
+  # l = 11 is a multiple of none of the chunks but 1 (a tail chunk), and 16 channels in 2
+  # groups give several channel blocks per group (the dB / dC reduction across programs).
+  x = make_inputs(5, 2, 11, 16, 4, 2, h0=True)
+  y, h, grads, ct_y, ct_h = _run(x, reverse=True, config=config)
+  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
+                                      delta_softplus=True, reverse=True, h0=ref["initial_state"])
+  assert rel_err(y, ref_y) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
+  ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=True)
+  for name, grad in grads.items():
+    assert rel_err(grad, ref_grads[name]) <= 1e-5, name
+
+
+def test_public_entry_without_softplus_or_extras_and_undifferentiated():
+  # The forward-only kernel (no saved chunk states), through selective_scan(backend="pallas").
+  x = make_inputs(4, 2, 21, 8, 4, 2, extras=False)
+  x["delta"] = np.abs(x["delta"])
+  ref, ref_h = numpy_selective_scan(**x)
+  fwd = jax.jit(lambda x: selective_scan(**x, return_final_state=True, backend="pallas"))
+  y, h = fwd.lower(x).compile(FAST_COMPILE)(x)
+  assert rel_err(y, ref) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
+
+
+def test_float64_inputs_keep_a_float64_state():
+  with x64():
+    x = make_inputs(3, 1, 6, 4, 3, 2, h0=True, dtype=np.float64)
+    x = {k: jnp.asarray(v, jnp.float64) for k, v in x.items()}
+    y, h, grads, ct_y, ct_h = _run(x, reverse=False, config=TEST_CONFIG)
+    assert y.dtype == jnp.float64 and h.dtype == jnp.float64
+    ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in x.items() if k != "initial_state"},
+                                        delta_softplus=True, h0=x["initial_state"])
+    assert rel_err(y, ref_y) <= 1e-12 and rel_err(h, ref_h) <= 1e-12
+    ref_grads = numpy_selective_scan_vjp(**x, dy=ct_y, dh=ct_h)
+    for name, grad in grads.items():
+      assert rel_err(grad, ref_grads[name]) <= 1e-12, name
+
+
+def test_oracle_vjp_matches_finite_differences():
+  # The reverse-mode oracle above is itself checked against central differences of the
+  # forward oracle, on a tiny case, along one random direction per input.
+  x = make_inputs(9, 1, 5, 4, 3, 2, h0=True, dtype=np.float64)
+  rng = np.random.default_rng(1)
+  dy, dh = rng.normal(size=(1, 5, 4)), rng.normal(size=(1, 4, 3))
+
+  def objective(v):
+    y, h = numpy_selective_scan(**{k: w for k, w in v.items() if k != "initial_state"},
+                                delta_softplus=True, reverse=True, h0=v["initial_state"])
+    return np.sum(y * dy) + np.sum(h * dh)
+
+  grads = numpy_selective_scan_vjp(**x, dy=dy, dh=dh, reverse=True)
+  for name in GRAD_NAMES:
+    direction = rng.normal(size=x[name].shape)
+    eps = 1e-6
+    plus = {**x, name: x[name] + eps * direction}
+    minus = {**x, name: x[name] - eps * direction}
+    numeric = (objective(plus) - objective(minus)) / (2 * eps)
+    assert abs(numeric - np.sum(grads[name] * direction)) <= 1e-6 * max(1.0, abs(numeric)), name
+
+
+def test_registry_runs_pallas_on_cpu_only_when_asked():
+  assert "pallas" in available_backends("cpu")
+  assert auto_backend("cpu") == "associative"
+  assert auto_backend("gpu") == "pallas" or auto_backend("gpu") == "triton"
+  assert "pallas" not in available_backends("tpu")
+
+
+@pytest.mark.parametrize("value,pattern", [
+    (dict(block_d=24), r"PallasConfig.block_d must be a power of two, got 24"),
+    (dict(chunk=0), r"PallasConfig.chunk must be a power of two, got 0"),
+    (dict(num_warps=0), r"PallasConfig.num_warps must be a positive int, got 0"),
+])
+def test_config_rejects_bad_values(value, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    PallasConfig(**value)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels lower for CUDA (Pallas -> Triton IR), checked here without a GPU.
+# --------------------------------------------------------------------------------------------
+
+
+def _export_for_cuda(fn, *args):
+  return jax.export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(*args)
+
+
+# The default configuration, then the other code paths with a short chunk (a smaller kernel).
+SHORT = PallasConfig(chunk=4)
+LOWERING_VARIANTS = {
+    "f32": dict(),
+    "bf16": dict(dtype=jnp.bfloat16, config=SHORT),
+    "groups-reverse-h0": dict(g=2, reverse=True, h0=True, config=SHORT),
+    "no-extras-no-softplus": dict(extras=False, softplus=False, config=SHORT),
+    "n5-atomic": dict(n=5, config=PallasConfig(chunk=4, atomic_dbc=True)),
+}
+
+
+@pytest.mark.parametrize("variant", list(LOWERING_VARIANTS))
+def test_kernels_lower_for_cuda(variant):
+  v = dict(dtype=jnp.float32, g=1, reverse=False, h0=False, extras=True, softplus=True, n=16,
+           config=PallasConfig())
+  v.update(LOWERING_VARIANTS[variant])
+  # l = 45 gives full chunks and a tail; interpret=False asks for the GPU kernels.
+  config = PallasConfig(**{**v["config"].__dict__, "interpret": False})
+  x = make_inputs(0, 2, 45, 64, v["n"], v["g"], extras=v["extras"], h0=v["h0"])
+  x = {k: jnp.asarray(a, v["dtype"]) for k, a in x.items()}
+  names = [k for k in GRAD_NAMES if k in x]
+
+  def loss(*args):
+    y, h = selective_scan_pallas(**dict(zip(names, args)), delta_softplus=v["softplus"],
+                                 reverse=v["reverse"], return_final_state=True, config=config)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+  forward = _export_for_cuda(loss, *[x[k] for k in names])
+  gradient = _export_for_cuda(jax.grad(loss, tuple(range(len(names)))), *[x[k] for k in names])
+  for exported, kernels in ((forward, 1), (gradient, 2)):
+    text = exported.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == kernels, variant

@@ -1,0 +1,613 @@
+"""The selective scan as fused Pallas kernels: backend ``"pallas"``.
+
+One program per (batch row, group, block of ``block_d`` channels of that group) keeps its
+``(block_d, n)`` float32 state in registers and walks the whole length, one step at a time, in
+chunks of ``chunk`` steps:
+
+    forward   u, delta, z (b, l, d)  B, C (b, l, g, n)  A (d, n)  D, delta_bias (d,)  h0 (b, d, n)
+              -> y (b, l, d) in u's dtype, h_last (b, d, n) float32,
+                 and, under differentiation, h_chunks (b, num_chunks, d, n): the state before
+                 every chunk, the only residual besides the inputs.
+    backward  inputs, h_chunks, dy (b, l, d), dh_last (b, d, n)
+              -> du, ddelta, dz (b, l, d) in the input dtypes, dh0 (b, d, n),
+                 per-program partial sums of dB, dC (over the channel blocks of a group), of dA,
+                 dD, d delta_bias (over the batch rows), summed in XLA afterwards.
+
+Each step does the discretisation ``dt = softplus(delta + delta_bias)``, the update
+``h = exp(dt A) h + dt u B``, the contraction ``<h, C>``, the D skip and the z gate in
+registers, so the kernels read every input once and write every output once. The backward
+walks the chunks from last to first: it recomputes the chunk's ``chunk + 1`` states from the
+saved chunk start (kept in registers: ``chunk`` is small), then runs the adjoint
+``lam_t = dy_t C_t + exp(dt_{t+1} A) lam_{t+1}`` backwards through them (the algebra of
+``_assoc_scan_bwd`` in ``selective_scan.py``, plus the chain rules of D, z, softplus and
+delta_bias). ``reverse`` walks the length from the end instead of flipping copies.
+
+The outputs of a chunk (rows of y, du, ddelta, dz, dB, dC) are gathered in ``(block_d, chunk)``
+register tiles and written with one store per chunk, so the stores are coalesced. A length that
+is not a multiple of ``chunk`` ends in a short tail chunk, unrolled with its own static length,
+so no load ever reaches past the end. ``n`` and ``block_d`` are powers of two inside the
+kernel (Triton's rule): the wrapper pads ``n`` with zero columns of A, B and C (which leave the
+padded states at zero) and shrinks ``block_d`` to a power of two dividing ``d // g``.
+
+On GPU the kernels compile through Pallas' Triton lowering, selected explicitly with Triton
+compiler params (the default GPU lowering of recent JAX, Mosaic GPU, rejects these kernels). On
+CPU they run in Pallas interpret mode, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from vidssm_jax.ops.selective_scan import _check_inputs as check_inputs
+from vidssm_jax.ops.selective_scan import state_dtype
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+  """Block shapes and launch parameters of the Pallas kernels.
+
+  Attributes:
+    block_d: channels per forward program (a power of two; shrunk to divide ``d // g``);
+      ``None``: 32, halved down to 8 while the grid would have fewer than about two programs
+      per SM of an H100 (small batches).
+    chunk: steps per chunk (a power of two): outputs are stored once per chunk and the forward
+      saves the state before every chunk for the backward, which keeps ``chunk + 1`` states of
+      ``(block_d, n)`` in registers.
+    num_warps: warps per forward program; ``None``: one per 128 state elements
+      (``block_d * n / 128``, within 1 to 4), four elements of the state per thread.
+    bwd_block_d: channels per backward program.
+    bwd_num_warps: warps per backward program.
+    bwd_recompute_decay: recompute exp(dt A) in the backward's reverse sweep instead of keeping
+      the chunk's values in registers (more exponentials, fewer registers).
+    prefetch: the forward issues the loads of the next chunk before the arithmetic of the
+      current one (held in registers across the chunk loop), to hide their latency.
+    num_stages: Triton software-pipelining depth.
+    atomic_dbc: reduce dB and dC over the channel blocks of a group with float32 atomic adds
+      (fast, order not deterministic) instead of writing per-block partials summed in XLA
+      (deterministic; the default).
+    interpret: run in Pallas interpret mode; ``None`` means on CPU only.
+    poison_outputs: NaN-fill every output buffer before the kernel runs (aliased inputs), so an
+      element the kernel fails to write shows up as NaN (for checks; costs a fill per output).
+  """
+  block_d: Optional[int] = None
+  chunk: int = 8
+  num_warps: Optional[int] = None
+  bwd_block_d: int = 8
+  bwd_num_warps: int = 1
+  bwd_recompute_decay: bool = True
+  prefetch: bool = True
+  num_stages: int = 1
+  atomic_dbc: bool = False
+  interpret: Optional[bool] = None
+  poison_outputs: bool = False
+
+  def __post_init__(self):
+    for name in ("block_d", "chunk", "bwd_block_d"):
+      v = getattr(self, name)
+      if v is None and name == "block_d":
+        continue
+      if not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"PallasConfig.{name} must be a power of two, got {v!r}")
+    for name in ("num_warps", "bwd_num_warps", "num_stages"):
+      v = getattr(self, name)
+      if v is None and name == "num_warps":
+        continue
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"PallasConfig.{name} must be a positive int, got {v!r}")
+
+
+# Tuned on an H100 with `python -m vidssm_jax.bench.scan --sweep` at (8, 1568, 768, 16) float32:
+# bwd_block_d 8 took the forward+backward from 2.01 ms (16) to 1.32 ms; the forward's defaults
+# (block_d by occupancy, chunk 8, prefetch) were the fastest of the variants tried (0.38 ms).
+DEFAULT_CONFIG = PallasConfig()
+
+
+def _pow2_at_most(x: int) -> int:
+  return 1 << (max(x, 1).bit_length() - 1)
+
+
+def _pow2_at_least(x: int) -> int:
+  return 1 << max(x - 1, 0).bit_length()
+
+
+_TARGET_PROGRAMS = 264  # two per SM of an H100: what the automatic channel block aims for
+
+
+def _block_for(dg: int, want: int) -> int:
+  """The largest power of two that divides ``dg`` (channels per group) and is at most ``want``."""
+  return min(dg & -dg, _pow2_at_most(want))
+
+
+def forward_block(b: int, d: int, g: int, n: int, config: PallasConfig) -> tuple[int, int]:
+  """(channels, warps) per forward program for (b, d, g, n) under ``config``."""
+  if config.block_d is not None:
+    block = _block_for(d // g, config.block_d)
+  else:
+    block = _block_for(d // g, 32)
+    while block > 8 and b * (d // block) < _TARGET_PROGRAMS:
+      block //= 2
+  warps = config.num_warps or max(1, min(4, block * n // 128))
+  return block, warps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Everything static about one kernel instance (hashable: a nondiff argument)."""
+  b: int
+  l: int
+  d: int
+  g: int
+  n: int  # padded to a power of two
+  chunk: int
+  fwd_block_d: int
+  bwd_block_d: int
+  fwd_warps: int
+  bwd_warps: int
+  num_stages: int
+  bwd_recompute_decay: bool
+  prefetch: bool
+  atomic_dbc: bool
+  interpret: bool
+  poison: bool
+  has_D: bool
+  has_z: bool
+  has_bias: bool
+  softplus: bool
+  reverse: bool
+
+  @property
+  def num_full(self) -> int:
+    return self.l // self.chunk
+
+  @property
+  def tail(self) -> int:
+    return self.l % self.chunk
+
+  @property
+  def num_chunks(self) -> int:
+    return math.ceil(self.l / self.chunk)
+
+  def time(self, s):
+    """Time index of step ``s`` (steps count in scan order)."""
+    return self.l - 1 - s if self.reverse else s
+
+  def tile_start(self, s0):
+    """First time index of the full chunk whose first step is ``s0``."""
+    return self.l - self.chunk - s0 if self.reverse else s0
+
+  def column(self, j: int) -> int:
+    """Column of step ``j`` of a chunk in its time-ordered output tile."""
+    return self.chunk - 1 - j if self.reverse else j
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  # The Triton lowering must be asked for by its params type; jax renamed it over time.
+  params = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams")
+  return params(num_warps=num_warps, num_stages=num_stages)
+
+
+_LOG2E = math.log2(math.e)
+
+
+def _softplus(x):
+  # log1p(exp(x)) overflows for large x, where softplus(x) == x to float32 precision.
+  return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _unpack(refs, names):
+  """Names the kernel's refs; ``None`` names are skipped inputs."""
+  out, it = {}, iter(refs)
+  for name in names:
+    if name is not None:
+      out[name] = next(it)
+  assert next(it, None) is None
+  return out
+
+
+def _input_names(spec: _Spec, *, backward: bool):
+  names = ["u", "delta", "A", "B", "C"]
+  names += ["h_chunks", "dy", "dh_last"] if backward else ["h0"]
+  names += ["D" if spec.has_D else None, "z" if spec.has_z else None,
+            "bias" if spec.has_bias else None]
+  return names
+
+
+def _prefilled_outputs(out_shape, inputs, aliases, value):
+  """Appends an input filled with ``value`` for every output not yet aliased, aliased to it."""
+  taken = set(aliases.values())
+  extra = []
+  for i, o in enumerate(out_shape):
+    if i not in taken:
+      aliases[len(inputs) + len(extra)] = i
+      extra.append(jnp.full(o.shape, value, o.dtype))
+  return inputs + extra, [f"_prefilled{i}" for i in range(len(extra))]
+
+
+class _Rows:
+  """Row loads of one program: (block_d,) slices of (b, l, d) refs, (n,) rows of B and C."""
+
+  def __init__(self, r, spec: _Spec, acc, block_d: int):
+    self.r, self.spec, self.acc = r, spec, acc
+    self.bi, self.gi = pl.program_id(0), pl.program_id(1)
+    self.dj = pl.program_id(2)
+    self.d0 = self.gi * (spec.d // spec.g) + self.dj * block_d
+    self.block_d = block_d
+    self.chans = pl.ds(self.d0, block_d)
+
+  def row(self, name, t):
+    """(block_d,) row of a (b, l, d) input at time ``t``."""
+    return self.r[name][self.bi, t, self.chans].astype(self.acc)
+
+  def bc(self, name, t):
+    """(n,) row of B or C at time ``t``, for this program's group."""
+    return self.r[name][self.bi, t, self.gi, :].astype(self.acc)
+
+  def channel_vector(self, name):
+    return self.r[name][self.chans].astype(self.acc)
+
+  def dt(self, delta_row, bias):
+    """Discretised step, and the pre-softplus value the backward differentiates through."""
+    x = delta_row + bias if bias is not None else delta_row
+    return (_softplus(x) if self.spec.softplus else x), x
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(*refs, spec: _Spec, save: bool, prefilled=()):
+  out_names = ["y", "h_last"] + (["h_chunks"] if save else [])
+  r = _unpack(refs, _input_names(spec, backward=False) + list(prefilled) + out_names)
+  acc = r["h_last"].dtype
+  T, bd = spec.chunk, spec.fwd_block_d
+  rows = _Rows(r, spec, acc, bd)
+  A = r["A"][rows.chans, :].astype(acc)  # (bd, n)
+  A2 = A * _LOG2E  # exp(dt A) = exp2(dt A log2 e): one ex2 instead of a range-reduced expf
+  D = rows.channel_vector("D") if spec.has_D else None
+  bias = rows.channel_vector("bias") if spec.has_bias else None
+  cols = lax.broadcasted_iota(jnp.int32, (bd, T), 1)
+
+  def load(t):
+    """The inputs of the step at time ``t``, as loaded (not yet upcast)."""
+    names = ["u", "delta"] + (["z"] if spec.has_z else [])
+    out = {name: r[name][rows.bi, t, rows.chans] for name in names}
+    out.update({name: r[name][rows.bi, t, rows.gi, :] for name in ("B", "C")})
+    return out
+
+  def step(h, x):
+    x = {k: v.astype(acc) for k, v in x.items()}
+    dt, _ = rows.dt(x["delta"], bias)
+    h = jnp.exp2(dt[:, None] * A2) * h + (dt * x["u"])[:, None] * x["B"][None, :]
+    y = jnp.sum(h * x["C"][None, :], axis=1)
+    if D is not None:
+      y = y + D * x["u"]
+    if spec.has_z:
+      y = y * (x["z"] * jax.nn.sigmoid(x["z"]))
+    return h, y
+
+  def save_state(k, h):
+    if save:
+      r["h_chunks"][rows.bi, k, rows.chans, :] = h
+
+  def load_chunk(k):
+    return [load(spec.time(k * T + j)) for j in range(T)]
+
+  def full_chunk(k, carry):
+    h, inputs = carry
+    save_state(k, h)
+    if spec.prefetch:
+      # The next chunk's loads go out before this chunk's arithmetic, which then hides their
+      # latency. (The last chunk reloads itself rather than read past the full chunks.)
+      inputs, following = inputs, load_chunk(jnp.minimum(k + 1, spec.num_full - 1))
+    else:
+      inputs, following = load_chunk(k), inputs
+    tile = jnp.zeros((bd, T), acc)
+    for j in range(T):
+      h, y = step(h, inputs[j])
+      tile = jnp.where(cols == spec.column(j), y[:, None], tile)
+    s0 = k * T
+    r["y"][rows.bi, pl.ds(spec.tile_start(s0), T), rows.chans] = tile.T.astype(r["y"].dtype)
+    return h, following
+
+  h = r["h0"][rows.bi, rows.chans, :].astype(acc)
+  if spec.num_full:  # (not even traced otherwise: its tile would not fit in a short length)
+    first = load_chunk(0) if spec.prefetch else []
+    h, _ = lax.fori_loop(0, spec.num_full, full_chunk, (h, first))
+  if spec.tail:
+    save_state(spec.num_full, h)
+    for s in range(spec.num_full * T, spec.l):
+      t = spec.time(s)
+      h, y = step(h, load(t))
+      r["y"][rows.bi, t, rows.chans] = y.astype(r["y"].dtype)
+  r["h_last"][rows.bi, rows.chans, :] = h
+
+
+def _forward(spec: _Spec, save: bool, u, delta, A, B, C, D, z, bias, h0):
+  acc = h0.dtype
+  b, l, d, n = spec.b, spec.l, spec.d, spec.n
+  out_shape = [jax.ShapeDtypeStruct((b, l, d), u.dtype), jax.ShapeDtypeStruct((b, d, n), acc)]
+  if save:
+    out_shape.append(jax.ShapeDtypeStruct((b, spec.num_chunks, d, n), acc))
+  inputs = [x for x in (u, delta, A, B, C, h0, D, z, bias) if x is not None]
+  aliases, prefilled = {}, ()
+  if spec.poison:
+    inputs, prefilled = _prefilled_outputs(out_shape, inputs, aliases, jnp.nan)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, spec=spec, save=save, prefilled=tuple(prefilled)),
+      out_shape=out_shape,
+      grid=(b, spec.g, spec.d // spec.g // spec.fwd_block_d),
+      compiler_params=_compiler_params(spec.fwd_warps, spec.num_stages),
+      interpret=spec.interpret,
+      input_output_aliases=aliases,
+      name="selective_scan_fwd",
+  )(*inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _backward_kernel(*refs, spec: _Spec, prefilled=()):
+  out_names = ["du", "ddelta", "dz" if spec.has_z else None, "dB", "dC", "dA",
+               "dD" if spec.has_D else None, "dbias" if spec.has_bias else None, "dh0"]
+  in_names = _input_names(spec, backward=True)
+  if spec.atomic_dbc:  # zero-filled dB, dC buffers come in aliased to the outputs
+    in_names += ["dB_zeros", "dC_zeros"]
+  r = _unpack(refs, in_names + list(prefilled) + out_names)
+  acc = r["dh0"].dtype
+  T, bd = spec.chunk, spec.bwd_block_d
+  rows = _Rows(r, spec, acc, bd)
+  A = r["A"][rows.chans, :].astype(acc)
+  A2 = A * _LOG2E
+  A2x2 = A2 * 2.0
+  D = rows.channel_vector("D") if spec.has_D else None
+  bias = rows.channel_vector("bias") if spec.has_bias else None
+  cols = lax.broadcasted_iota(jnp.int32, (bd, T), 1)
+  trows = lax.broadcasted_iota(jnp.int32, (T, spec.n), 0)
+
+  def recompute(k, s0, length):
+    """Loads a chunk's rows and recomputes its states h_{-1}, h_0, ..., h_{length-1} from the
+    saved chunk start. Returns the states and, per step, what the reverse sweep reuses."""
+    h = r["h_chunks"][rows.bi, k, rows.chans, :].astype(acc)
+    states, steps = [h], []
+    for j in range(length):
+      t = spec.time(s0 + j)
+      u = rows.row("u", t)
+      dt, x = rows.dt(rows.row("delta", t), bias)
+      Bt = rows.bc("B", t)
+      a = jnp.exp2(dt[:, None] * A2)
+      h = a * h + (dt * u)[:, None] * Bt[None, :]
+      states.append(h)
+      steps.append((t, u, dt, x, Bt, a))
+    return states, steps
+
+  def adjoint_step(carry, step, h_prev, h):
+    """One step of the reverse sweep; returns the carry and this step's output rows."""
+    mu, dA, dD, dbias = carry
+    t, u, dt, x, Bt, a = step
+    if spec.bwd_recompute_decay:
+      # Written differently from the recompute's exp2(dt A2) (exactly equal: powers of two) so
+      # that the compiler cannot merge the two and must not keep `a` alive across the chunk.
+      a = jnp.exp2((dt * 0.5)[:, None] * A2x2)
+    Ct = rows.bc("C", t)
+    dy = rows.row("dy", t)
+    out = {}
+    if spec.has_z:
+      z = rows.row("z", t)
+      sz = jax.nn.sigmoid(z)
+      y = jnp.sum(h * Ct[None, :], axis=1)
+      if D is not None:
+        y = y + D * u
+      out["dz"] = dy * y * sz * (1.0 + z * (1.0 - sz))
+      dy = dy * (z * sz)
+    lam = mu + dy[:, None] * Ct[None, :]
+    out["dC"] = jnp.sum(h * dy[:, None], axis=0)
+    da = lam * h_prev * a  # d loss / d (dt * A), elementwise
+    lam_b = jnp.sum(lam * Bt[None, :], axis=1)
+    ddt = jnp.sum(da * A, axis=1) + lam_b * u
+    out["du"] = lam_b * dt
+    out["dB"] = jnp.sum(lam * (dt * u)[:, None], axis=0)
+    dA = dA + da * dt[:, None]
+    if D is not None:
+      out["du"] = out["du"] + dy * D
+      dD = dD + dy * u
+    out["ddelta"] = ddt * jax.nn.sigmoid(x) if spec.softplus else ddt
+    if bias is not None:
+      dbias = dbias + out["ddelta"]
+    return (a * lam, dA, dD, dbias), out
+
+  chan_outs = ["du", "ddelta"] + (["dz"] if spec.has_z else [])
+
+  def store_dbc(name, value, t_index):
+    """value: (T, n) tile at times pl.ds(..) or an (n,) row at one time."""
+    if spec.atomic_dbc:
+      if isinstance(t_index, int):  # interpret mode's atomic_add wants traced indices
+        t_index = jnp.asarray(t_index, jnp.int32)
+      plt.atomic_add(r[name], (rows.bi, t_index, rows.gi, slice(None)), value)
+    else:
+      r[name][rows.bi, t_index, rows.gi, rows.dj, :] = value
+
+  def full_chunk(i, carry):
+    k = spec.num_full - 1 - i
+    s0 = k * T
+    states, steps = recompute(k, s0, T)
+    tiles = {name: jnp.zeros((bd, T), acc) for name in chan_outs}
+    bc_tiles = {name: jnp.zeros((T, spec.n), acc) for name in ("dB", "dC")}
+    for j in reversed(range(T)):
+      carry, out = adjoint_step(carry, steps[j], states[j], states[j + 1])
+      c = spec.column(j)
+      for name in chan_outs:
+        tiles[name] = jnp.where(cols == c, out[name][:, None], tiles[name])
+      for name in ("dB", "dC"):
+        bc_tiles[name] = jnp.where(trows == c, out[name][None, :], bc_tiles[name])
+    times = pl.ds(spec.tile_start(s0), T)
+    for name in chan_outs:
+      r[name][rows.bi, times, rows.chans] = tiles[name].T.astype(r[name].dtype)
+    for name in ("dB", "dC"):
+      store_dbc(name, bc_tiles[name], times)
+    return carry
+
+  carry = (r["dh_last"][rows.bi, rows.chans, :].astype(acc), jnp.zeros((bd, spec.n), acc),
+           jnp.zeros((bd,), acc), jnp.zeros((bd,), acc))
+  if spec.tail:  # the tail chunk comes last in scan order, so first here
+    s0 = spec.num_full * T
+    states, steps = recompute(spec.num_full, s0, spec.tail)
+    for j in reversed(range(spec.tail)):
+      t = steps[j][0]
+      carry, out = adjoint_step(carry, steps[j], states[j], states[j + 1])
+      for name in chan_outs:
+        r[name][rows.bi, t, rows.chans] = out[name].astype(r[name].dtype)
+      for name in ("dB", "dC"):
+        store_dbc(name, out[name], t)
+  if spec.num_full:
+    carry = lax.fori_loop(0, spec.num_full, full_chunk, carry)
+  mu, dA, dD, dbias = carry
+  r["dA"][rows.bi, rows.chans, :] = dA
+  if spec.has_D:
+    r["dD"][rows.bi, rows.chans] = dD
+  if spec.has_bias:
+    r["dbias"][rows.bi, rows.chans] = dbias
+  r["dh0"][rows.bi, rows.chans, :] = mu
+
+
+def _backward(spec: _Spec, res, dy, dh_last):
+  u, delta, A, B, C, D, z, bias, h_chunks = res
+  acc = h_chunks.dtype
+  b, l, d, g, n = spec.b, spec.l, spec.d, spec.g, spec.n
+  nblocks = d // g // spec.bwd_block_d
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, acc)
+  dbc_shape = (b, l, g, n) if spec.atomic_dbc else (b, l, g, nblocks, n)
+  out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype),
+               jax.ShapeDtypeStruct(delta.shape, delta.dtype)]
+  if spec.has_z:
+    out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
+  out_shape += [f32(*dbc_shape), f32(*dbc_shape), f32(b, d, n)]
+  if spec.has_D:
+    out_shape.append(f32(b, d))
+  if spec.has_bias:
+    out_shape.append(f32(b, d))
+  out_shape.append(f32(b, d, n))
+  inputs = [x for x in (u, delta, A, B, C, h_chunks, dy.astype(u.dtype), dh_last.astype(acc),
+                        D, z, bias) if x is not None]
+  aliases, prefilled = {}, ()
+  if spec.atomic_dbc:
+    first_dbc_out = 3 if spec.has_z else 2
+    aliases = {len(inputs): first_dbc_out, len(inputs) + 1: first_dbc_out + 1}
+    inputs += [jnp.zeros(dbc_shape, acc), jnp.zeros(dbc_shape, acc)]
+  if spec.poison:
+    inputs, prefilled = _prefilled_outputs(out_shape, inputs, aliases, jnp.nan)
+  outs = pl.pallas_call(
+      functools.partial(_backward_kernel, spec=spec, prefilled=tuple(prefilled)),
+      out_shape=out_shape,
+      grid=(b, g, nblocks),
+      compiler_params=_compiler_params(spec.bwd_warps, spec.num_stages),
+      interpret=spec.interpret,
+      input_output_aliases=aliases,
+      name="selective_scan_bwd",
+  )(*inputs)
+  outs = list(outs)
+  du, ddelta = outs.pop(0), outs.pop(0)
+  dz = outs.pop(0) if spec.has_z else None
+  dB, dC, dA = outs.pop(0), outs.pop(0), outs.pop(0)
+  dD = outs.pop(0).sum(0) if spec.has_D else None
+  dbias = outs.pop(0).sum(0) if spec.has_bias else None
+  dh0 = outs.pop(0)
+  if not spec.atomic_dbc:
+    dB, dC = dB.sum(3), dC.sum(3)
+  return du, ddelta, dA.sum(0), dB, dC, dD, dz, dbias, dh0
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp and the backend entry
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_scan(spec, u, delta, A, B, C, D, z, bias, h0):
+  return tuple(_forward(spec, False, u, delta, A, B, C, D, z, bias, h0))
+
+
+def _fused_scan_fwd(spec, u, delta, A, B, C, D, z, bias, h0):
+  y, h_last, h_chunks = _forward(spec, True, u, delta, A, B, C, D, z, bias, h0)
+  return (y, h_last), (u, delta, A, B, C, D, z, bias, h_chunks)
+
+
+def _fused_scan_bwd(spec, res, cotangents):
+  dy, dh_last = cotangents
+  du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(spec, res, dy, dh_last)
+  u, delta, A, B, C, D, z, bias, h_chunks = res
+  cast = lambda g, x: None if x is None else g.astype(x.dtype)
+  return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
+          cast(dbias, bias), dh0.astype(h_chunks.dtype))
+
+
+_fused_scan.defvjp(_fused_scan_fwd, _fused_scan_bwd)
+
+
+def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, reverse,
+                   chunk_size=None, config: Optional[PallasConfig] = None):
+  """The ``"pallas"`` backend (contract in ``selective_scan.py``'s module docstring).
+
+  Args:
+    u, delta: ``(b, l, d)``; A: ``(d, n)``; B, C: ``(b, l, g, n)``; D, delta_bias: ``(d,)`` or
+      None; z: ``(b, l, d)`` or None; h0: ``(b, d, n)`` in the state dtype.
+    delta_softplus, reverse: as in ``selective_scan``.
+    chunk_size: unused (the associative backend's knob); block shapes come from ``config``.
+    config: block shapes and launch parameters; ``DEFAULT_CONFIG`` when None.
+
+  Returns:
+    ``y`` ``(b, l, d)`` in ``u``'s dtype and the last state ``(b, d, n)`` in ``h0``'s dtype.
+  """
+  del chunk_size
+  config = config or DEFAULT_CONFIG
+  b, l, d = u.shape
+  g, n = B.shape[2], B.shape[3]
+  acc = h0.dtype
+  n_pad = _pow2_at_least(n)
+  if n_pad != n:  # zero columns of A, B, C: the padded states stay zero and add nothing
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
+    A, B, C, h0 = pad(A), pad(B), pad(C), pad(h0)
+  interpret = config.interpret
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  fwd_block_d, fwd_warps = forward_block(b, d, g, n_pad, config)
+  spec = _Spec(
+      b=b, l=l, d=d, g=g, n=n_pad, chunk=config.chunk, fwd_block_d=fwd_block_d,
+      bwd_block_d=_block_for(d // g, config.bwd_block_d),
+      fwd_warps=fwd_warps, bwd_warps=config.bwd_num_warps, num_stages=config.num_stages,
+      bwd_recompute_decay=config.bwd_recompute_decay, prefetch=config.prefetch,
+      atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
+      has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
+      softplus=bool(delta_softplus), reverse=bool(reverse))
+  vec = lambda x: None if x is None else x.astype(acc)
+  y, h_last = _fused_scan(spec, u, delta, A.astype(acc), B, C, vec(D), z, vec(delta_bias), h0)
+  return y, h_last[..., :n]
+
+
+def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, *, reverse=False, initial_state=None,
+                          return_final_state=False, config: Optional[PallasConfig] = None):
+  """``selective_scan(..., backend="pallas")`` with explicit kernel ``config`` (for sweeps).
+
+  Same arguments, shapes and results as :func:`vidssm_jax.ops.selective_scan`.
+  """
+  b, l, d, g, n = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  acc = state_dtype(u.dtype)
+  B4, C4 = B.reshape(b, l, g, n), C.reshape(b, l, g, n)
+  h0 = jnp.zeros((b, d, n), acc) if initial_state is None else initial_state.astype(acc)
+  y, h_last = pallas_backend(u, delta, A, B4, C4, D, z, delta_bias, h0,
+                             delta_softplus=delta_softplus, reverse=reverse, config=config)
+  return (y, h_last) if return_final_state else y
