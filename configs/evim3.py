@@ -84,7 +84,11 @@ def get_config(arg: str = ""):
 
   if preset == "demo":
     c.model_name = "evim3_tiny"
-    c.model = ml_collections.ConfigDict(dict(dtype="float32", num_frames=16, img_size=32))
+    # pool="mean" (ours, for the demo): in a few hundred CPU steps the head over the real tokens
+    # learns EF far faster than one over the global tokens (fine-tuning loss after 150 steps at
+    # lr 3e-3: 0.68 vs 1.27, predict-the-mean 1.85); the plain config keeps the paper's "egt".
+    c.model = ml_collections.ConfigDict(dict(dtype="float32", num_frames=16, img_size=32,
+                                             pool="mean"))
     c.data.dir = "/tmp/vidssm_demo_echo"
     c.data.synthetic = "echo"
     c.data.synthetic_num = 600
@@ -95,18 +99,18 @@ def get_config(arg: str = ""):
     c.data.eval_clips = 2
     c.log_every = 10
     c.checkpoint.every = 200
-    c.pretrain.steps = 100
+    c.pretrain.steps = 60
     c.pretrain.batch_size = 16
     c.pretrain.optim.lr = 1e-3
     c.pretrain.optim.warmup_steps = 10
     c.pretrain.optim.clip_norm = 1.0
     c.pretrain.ema_decay = 0.0
-    c.pretrain.image_every = 50
-    c.finetune.steps = 600
+    c.pretrain.image_every = 30
+    c.finetune.steps = 300
     c.finetune.batch_size = 16
-    c.finetune.optim.lr = 1e-3
+    c.finetune.optim.lr = 3e-3
     c.finetune.optim.warmup_steps = 30
     c.finetune.layer_decay = 0.0
     c.finetune.ema_decay = 0.99
-    c.finetune.eval_every = 200
+    c.finetune.eval_every = 100
   return c

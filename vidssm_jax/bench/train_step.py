@@ -51,6 +51,7 @@ def make_step(loss_fn, params):
 
 
 def bench_model(name, loss_fn, params, video, tokens, peak_tflops, repeats):
+  params = jax.tree.map(jnp.copy, params)  # the step donates its params; the caller keeps its own
   step, opt_state = make_step(loss_fn, params)
   rng = jax.random.key(1)
   compiled = step.lower(params, opt_state, video, rng).compile()
@@ -76,13 +77,16 @@ def main(argv=None):
   parser.add_argument("--evim3", default="evim3_p8")
   parser.add_argument("--peak-tflops", type=float, default=989.0)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--scan-backend", default="auto", help="selective_scan backend of the "
+                      "Mamba models (auto: the fused kernel on GPU)")
   args = parser.parse_args(argv)
 
   if args.small:
     t, size, b, dtype = 8, 32, args.batch or 2, jnp.float32
     endo_kw = dict(img_size=32, patch_size=8, depth=4, dim=32, num_frames=t)
     vit_kw = dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=2)
-    evim_kw = dict(img_size=32, num_frames=t, in_chans=3, dim=32, depth=1, patch=8)
+    evim_kw = dict(img_size=32, num_frames=t, in_chans=3, dim=32, depth=1, patch=8, tubelet=2,
+                   time_chain=2, space_chain=2)
   else:
     t, size, b, dtype = 16, 224, args.batch or 8, jnp.bfloat16
     endo_kw, vit_kw, evim_kw = dict(num_frames=t), {}, dict(img_size=224, num_frames=t, in_chans=3)
@@ -90,8 +94,12 @@ def main(argv=None):
   rows = []
 
   # E-ViM³: visible-token MAE pretraining.
-  evim = create_model(args.evim3 if not args.small else "evim3_tiny", dtype=dtype, **evim_kw)
-  mask_cfg = ml_collections.ConfigDict(dict(kind="stc", ratio=0.8, time_chain=2, space_chain=4))
+  evim = create_model(args.evim3 if not args.small else "evim3_tiny", dtype=dtype,
+                      scan_backend=args.scan_backend, **evim_kw)
+  # The mask the model was built for (its visible-token count is a static shape).
+  mask_cfg = ml_collections.ConfigDict(dict(kind=evim.mask_kind, ratio=evim.mask_ratio,
+                                            time_chain=evim.time_chain,
+                                            space_chain=evim.space_chain))
   grid = token_grid(evim)
   mask = draw_mask(jax.random.key(2), b, grid, mask_cfg)
   p_evim = nn.meta.unbox(evim.init(jax.random.key(3), video, mask, method="pretrain_loss"))["params"]
@@ -112,7 +120,7 @@ def main(argv=None):
 
   # EndoMamba-S: tube-masked pretraining with the frozen ViT-S teacher.
   endo_name = "endomamba_tiny_pretrain" if args.small else "endomamba_small_pretrain"
-  endo = create_model(endo_name, dtype=dtype, **endo_kw)
+  endo = create_model(endo_name, dtype=dtype, scan_backend=args.scan_backend, **endo_kw)
   tube = ml_collections.ConfigDict(dict(kind="tube", ratio=0.75))
   egrid = token_grid(endo)
   emask = draw_mask(jax.random.key(5), b, egrid, tube)

@@ -70,9 +70,20 @@ def build_model(config, stage: str):
     else:
       kwargs.update(num_outputs=config.finetune.num_outputs)
   try:
-    return create_model(name, **kwargs)
+    model = create_model(name, **kwargs)
   except TypeError as e:  # an override naming a field the model does not have
     raise ConfigError(f"model {name!r}: {e}") from None
+  mask = config.get("pretrain", {}).get("mask")
+  if mask is not None and hasattr(model, "mask_kind"):
+    # E-ViM³'s visible-token encoder needs the number of visible tokens as a static shape: the
+    # model is told the pretraining mask it will be given.
+    chains = {k: int(mask[k]) for k in ("time_chain", "space_chain") if k in mask}
+    model = model.clone(mask_kind=mask.kind, mask_ratio=float(mask.ratio), **chains)
+    try:
+      model.num_masked  # noqa: B018  (a chain that does not tile the token grid)
+    except ValueError as e:
+      raise ConfigError(f"pretrain.mask: {e}") from None
+  return model
 
 
 def ensure_data(config) -> None:
