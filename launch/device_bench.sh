@@ -37,15 +37,20 @@ run() {  # run NAME CMD...: logs to $OUT/NAME.log, prints its tail
   local name=$1; shift
   local start=$SECONDS
   echo "=== $name: $*"
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-420}" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -n "${TAIL:-25}" "$OUT/$name.log"
   echo "=== $name: rc=$rc, $((SECONDS - start)) s"
+  return $rc
 }
+
+# The models use backend "auto" (the fused kernel on GPU); if the GPU check of the kernels
+# failed in this run, the model benchmarks fall back to the associative backend.
+model_backend=auto
 
 for step in "$@"; do
   case $step in
-    check) run check python3 -m vidssm_jax.bench.scan --check ;;
+    check) run check python3 -m vidssm_jax.bench.scan --check || model_backend=associative ;;
     sweep) run sweep python3 -m vidssm_jax.bench.scan --sweep ;;
     scan)
       if [[ -n "$build_pid" ]]; then
@@ -54,9 +59,9 @@ for step in "$@"; do
       fi
       run scan python3 -m vidssm_jax.bench.scan ;;
     scan_assoc) run scan_assoc python3 -m vidssm_jax.bench.scan ;;
-    stream) run stream python3 -m vidssm_jax.bench.stream ;;
-    evim3) run evim3 python3 -m vidssm_jax.bench.evim3 ;;
-    train_step) run train_step python3 -m vidssm_jax.bench.train_step ;;
+    stream) run stream python3 -m vidssm_jax.bench.stream --scan-backend $model_backend ;;
+    evim3) run evim3 python3 -m vidssm_jax.bench.evim3 --scan-backend $model_backend ;;
+    train_step) run train_step python3 -m vidssm_jax.bench.train_step --scan-backend $model_backend ;;
     mamba_wait)
       [[ -n "$build_pid" ]] && { wait "$build_pid"; echo "mamba_ssm build rc=$?"; }
       tail -n 5 "$OUT/mamba_build.log"
