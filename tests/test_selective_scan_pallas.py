@@ -197,7 +197,7 @@ def test_oracle_vjp_matches_finite_differences():
 
 def test_registry_runs_pallas_on_cpu_only_when_asked():
   assert "pallas" in available_backends("cpu")
-  assert auto_backend("cpu") == "associative"
+  assert auto_backend("cpu") == "reference"
   assert auto_backend("gpu") == "pallas" or auto_backend("gpu") == "triton"
   assert "pallas" not in available_backends("tpu")
 
