@@ -1,5 +1,6 @@
 """Pallas backend: interpret mode on CPU against float64 NumPy oracles (the forward oracle of
-test_selective_scan.py and a reverse-mode oracle written here), on the core tests' awkward
+test_selective_scan.py and the reverse-mode oracle of bench.scan, checked here against finite
+differences), on the core tests' awkward
 cases, forward and every gradient; the CUDA lowering of every kernel variant; the registry."""
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import rel_err, x64
 from test_selective_scan import CASES, GRAD_NAMES, make_inputs, numpy_selective_scan
+from vidssm_jax.bench.scan import numpy_scan_and_vjp
 from vidssm_jax.ops import selective_scan
 from vidssm_jax.ops.selective_scan import auto_backend, available_backends
 from vidssm_jax.ops.selective_scan_pallas import PallasConfig, selective_scan_pallas
@@ -22,59 +24,15 @@ TEST_CONFIG = PallasConfig(chunk=4, block_d=4, bwd_block_d=2)
 
 def numpy_selective_scan_vjp(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              initial_state=None, *, dy, dh, reverse=False):
-  """Gradients of <y, dy> + <h_last, dh> (softplus on), by the adjoint recursion, in float64.
+  """Gradients of <y, dy> + <h_last, dh> (softplus on), by the adjoint recursion, in float64:
+  a dict with the gradient of every input that was given, in its shape.
 
-  Returns a dict with the gradient of every input that was given, in its shape.
+  The recursion lives in ``vidssm_jax.bench.scan`` so that the GPU check (``--check``) uses the
+  same oracle; the test below checks it against central finite differences.
   """
-  f64 = lambda v: None if v is None else np.asarray(v, np.float64)
-  u, delta, A, B, C, D, z, delta_bias, h0, dy, dh = map(
-      f64, (u, delta, A, B, C, D, z, delta_bias, initial_state, dy, dh))
-  b, l, d = u.shape
-  n = A.shape[1]
-  B4, C4 = (B[:, :, None], C[:, :, None]) if B.ndim == 3 else (B, C)
-  g = B4.shape[2]
-  group = np.arange(d) // (d // g)
-  x = delta + (0 if delta_bias is None else delta_bias)
-  dt = np.log1p(np.exp(x))
-  order = list(range(l - 1, -1, -1)) if reverse else list(range(l))
-  h = np.zeros((b, d, n)) if h0 is None else h0.copy()
-  before, after, y_scan = {}, {}, np.zeros((b, l, d))
-  for t in order:
-    before[t] = h
-    h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B4[:, t][:, group]
-    after[t] = h
-    y_scan[:, t] = np.sum(h * C4[:, t][:, group], -1)
-  y_pre = y_scan + (0 if D is None else u * D)
-  grads = {}
-  if z is not None:
-    sz = 1 / (1 + np.exp(-z))
-    grads["z"] = dy * y_pre * sz * (1 + z * (1 - sz))
-    dy = dy * z * sz
-  du, ddt = (0 if D is None else dy * D) * np.ones_like(u), np.zeros_like(u)
-  dA, dB4, dC4 = np.zeros_like(A), np.zeros_like(B4), np.zeros_like(C4)
-  lam = dh.copy()
-  for t in reversed(order):
-    Bt, Ct = B4[:, t][:, group], C4[:, t][:, group]  # (b, d, n)
-    lam = lam + dy[:, t, :, None] * Ct
-    a = np.exp(dt[:, t, :, None] * A)
-    da = lam * before[t] * a
-    ddt[:, t] = np.sum(da * A, -1) + np.sum(lam * Bt, -1) * u[:, t]
-    du[:, t] += np.sum(lam * Bt, -1) * dt[:, t]
-    dA += np.sum(da * dt[:, t, :, None], 0)
-    for gi in range(g):
-      chans = group == gi
-      dB4[:, t, gi] = np.sum(lam[:, chans] * (dt[:, t] * u[:, t])[:, chans, None], 1)
-      dC4[:, t, gi] = np.sum(after[t][:, chans] * dy[:, t, chans, None], 1)
-    lam = a * lam
-  ddelta = ddt / (1 + np.exp(-x))
-  grads.update(u=du, delta=ddelta, A=dA, B=dB4.reshape(B.shape), C=dC4.reshape(C.shape))
-  if D is not None:
-    grads["D"] = np.sum(dy * u, (0, 1))
-  if delta_bias is not None:
-    grads["delta_bias"] = np.sum(ddelta, (0, 1))
-  if h0 is not None:
-    grads["initial_state"] = lam
-  return grads
+  x = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+           initial_state=initial_state)
+  return numpy_scan_and_vjp(x, reverse=reverse, dy=dy, dh=dh)[2]
 
 
 def _run(x, *, reverse, config, ct_seed=0):

@@ -114,6 +114,30 @@ def test_demo_end_to_end_beats_the_mean_baseline(tmp_path):
   assert result["test/mae"] < 0.8 * result["test/baseline_mean_mae"], result
 
 
+def test_stream_mode_writes_per_frame_predictions_of_the_finetuned_model(tmp_path):
+  """mode=finetune for two steps on synthetic Cholec80-like clips, then mode=stream on an mp4:
+  one CSV row per frame, probabilities over the seven named phases, prediction = their argmax."""
+  from vidssm_jax.data import synthetic, video_io
+  cholec = os.path.join(REPO, "configs", "endomamba_cholec80.py")
+  args = [f"--config={cholec}:synthetic", f"--config.data.dir={tmp_path / 'data'}"]
+  run_main(args + ["--mode=finetune", "--config.finetune.steps=2", "--config.finetune.eval_every=2",
+                   "--config.data.synthetic_num=12", "--config.finetune.batch_size=2",
+                   "--config.checkpoint.async_save=False"], tmp_path / "w")
+  clip = synthetic.endoscopy_clip(1, 0, num_frames=9, size=48)
+  video_io.encode_video(tmp_path / "case.mp4", clip["video"], fps=25)
+  proc = run_main(args + ["--mode=stream", f"--video={tmp_path / 'case.mp4'}",
+                          f"--output={tmp_path / 'out.csv'}"], tmp_path / "w")
+  assert "stream: 9 frames" in proc.stdout
+  rows = [line.split(",") for line in open(tmp_path / "out.csv").read().splitlines()]
+  header, rows = rows[0], rows[1:]
+  names = [h[len("prob_"):] for h in header[2:]]
+  assert header[:2] == ["frame", "prediction"] and len(names) == 7 and "Preparation" in names
+  assert [int(r[0]) for r in rows] == list(range(9))
+  for r in rows:
+    probs = np.array([float(v) for v in r[2:]])
+    assert abs(probs.sum() - 1) < 1e-4 and r[1] == names[int(np.argmax(probs))], r
+
+
 @pytest.mark.parametrize("override,message", [
     (["--config.model_name=no_such_model"], "unknown model 'no_such_model'"),
     (["--config.finetune.task=dance"], "unknown fine-tuning task 'dance'"),
