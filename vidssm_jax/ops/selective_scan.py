@@ -70,9 +70,10 @@ DEFAULT_CHUNK_SIZE = 64
 PALLAS_GPU_PRIORITY = 30
 TRITON_GPU_PRIORITY = 20
 ASSOCIATIVE_PRIORITY = 10
-# On CPU the plain lax.scan is the fastest: `python -m vidssm_jax.bench.scan` on 2 cores ran its
-# forward 3-9x faster than the associative one on every shape, and forward+backward faster on 4
-# of 6 (the E-ViM3 demo's training step: 0.70 s against 0.93 s). Elsewhere it is the fallback.
+# On CPU the plain lax.scan is the fastest overall: `python -m vidssm_jax.bench.scan` on 2 cores
+# ran its forward 3-9x faster than the associative one on every shape; forward+backward was
+# faster on half of the shapes and up to 2.2x slower on the others, and the E-ViM3 demo's whole
+# training step took 0.70 s against 0.93 s. Elsewhere it is the fallback.
 REFERENCE_PRIORITY = {"cpu": 15, "gpu": 0, "tpu": 0}
 
 
