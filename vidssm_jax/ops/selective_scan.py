@@ -261,16 +261,28 @@ def selective_scan(
     ``y`` ``(b, l, d)`` in ``u``'s dtype, and the final state ``(b, d, n)`` (float32) when
     ``return_final_state``.
   """
-  b, l, d, g, n = _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
   impl = resolve_backend(backend)
+  return call_backend(functools.partial(impl.fn, chunk_size=chunk_size), u, delta, A, B, C, D, z,
+                      delta_bias, delta_softplus, reverse=reverse, initial_state=initial_state,
+                      return_final_state=return_final_state)
+
+
+def call_backend(fn: Callable, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                 delta_softplus=False, *, reverse=False, initial_state=None,
+                 return_final_state=False):
+  """The public entry's work around a backend function ``fn`` (the contract of the module
+  docstring, its keyword options bound): checks the inputs, adds the group axis to B and C,
+  makes the initial state, calls ``fn`` and returns ``y`` or ``(y, h_last)``. Also used by the
+  fused backends' explicit-config entries (``selective_scan_pallas``, ``selective_scan_triton``).
+  """
+  b, l, d, g, n = _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
   acc = state_dtype(u.dtype)
-  B4 = B.reshape(b, l, g, n) if B.ndim == 3 else B
-  C4 = C.reshape(b, l, g, n) if C.ndim == 3 else C
+  B4, C4 = B.reshape(b, l, g, n), C.reshape(b, l, g, n)
   h0 = jnp.zeros((b, d, n), acc) if initial_state is None else initial_state.astype(acc)
-  y, h_last = impl.fn(u, delta, A, B4, C4, D, z, delta_bias, h0, delta_softplus=delta_softplus,
-                      reverse=reverse, chunk_size=chunk_size)
+  y, h_last = fn(u, delta, A, B4, C4, D, z, delta_bias, h0, delta_softplus=delta_softplus,
+                 reverse=reverse)
   return (y, h_last) if return_final_state else y
 
 

@@ -43,8 +43,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from vidssm_jax.ops.selective_scan import _check_inputs as check_inputs
-from vidssm_jax.ops.selective_scan import state_dtype
+from vidssm_jax.ops.selective_scan import call_backend
 
 Array = jax.Array
 _TARGET_PROGRAMS = 264  # two per SM of an H100: how many programs the channel block aims for
@@ -302,10 +301,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
   Same arguments, shapes and results as :func:`vidssm_jax.ops.selective_scan`.
   """
-  b, l, d, g, n = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-  acc = state_dtype(u.dtype)
-  B4, C4 = B.reshape(b, l, g, n), C.reshape(b, l, g, n)
-  h0 = jnp.zeros((b, d, n), acc) if initial_state is None else initial_state.astype(acc)
-  y, h_last = triton_backend(u, delta, A, B4, C4, D, z, delta_bias, h0,
-                             delta_softplus=delta_softplus, reverse=reverse, config=config)
-  return (y, h_last) if return_final_state else y
+  return call_backend(functools.partial(triton_backend, config=config), u, delta, A, B, C, D, z,
+                      delta_bias, delta_softplus, reverse=reverse, initial_state=initial_state,
+                      return_final_state=return_final_state)
