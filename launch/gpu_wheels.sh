@@ -21,10 +21,19 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "grain==0.2.18" "array-record==0.8.6" "ml-collections==1.1.0" "portpicker" "jax-triton==0.3.1"
 if [[ "${1:-}" == "--mamba-ssm" ]]; then
   mkdir -p .whl/src
+  # The sdist's address from the package index pip is configured with (PEP 691 JSON), without
+  # building it: `pip download` would first build its metadata, which needs torch and CUDA.
   url=$(python3 - <<'PY'
-import json, urllib.request
-d = json.load(urllib.request.urlopen("https://pypi.org/pypi/mamba-ssm/json"))
-print(next(u["url"] for u in d["releases"]["2.3.2.post1"] if u["packagetype"] == "sdist"))
+import json, subprocess, sys, urllib.request
+index = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                       capture_output=True, text=True).stdout.strip()
+if not index:
+  from pip._internal.models.index import PyPI
+  index = PyPI.simple_url
+req = urllib.request.Request(index.rstrip("/") + "/mamba-ssm/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+files = json.load(urllib.request.urlopen(req))["files"]
+print(next(f["url"] for f in files if f["filename"] == "mamba_ssm-2.3.2.post1.tar.gz"))
 PY
 )
   curl -sSL -o .whl/src/mamba_ssm-2.3.2.post1.tar.gz "$url"

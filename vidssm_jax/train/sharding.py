@@ -35,9 +35,20 @@ def maybe_initialize_distributed(multihost: bool) -> None:
 
   It runs when ``multihost`` is set or when the environment names a coordinator
   (``JAX_COORDINATOR_ADDRESS``); on TPU pods and under SLURM the arguments are auto-detected.
+  ``VIDSSM_LOCAL_DEVICE_IDS=0,1,...`` names the GPUs this process owns: under SLURM JAX would
+  otherwise take one GPU per process (``launch/gpu_slurm.sh --per-host`` sets it).
   """
   if multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+    ids = os.environ.get("VIDSSM_LOCAL_DEVICE_IDS", "").strip()
+    if ids:
+      try:
+        local = [int(i) for i in ids.split(",")]
+      except ValueError:
+        raise ValueError(f"VIDSSM_LOCAL_DEVICE_IDS={ids!r}: expected device numbers like "
+                         "0,1,2,3") from None
+      jax.distributed.initialize(local_device_ids=local)
+    else:
+      jax.distributed.initialize()
 
 
 def make_mesh(mesh_config) -> Mesh:
