@@ -241,3 +241,86 @@ def test_index_json_records_what_a_model_needs(tmp_path):
   assert all(len(s["sha256"]) == 64 for s in index["splits"]["train"]["shards"])
   from vidssm_jax.models.endomamba import IMAGENET_MEAN, IMAGENET_STD
   assert shards.IMAGENET_MEAN == IMAGENET_MEAN and shards.IMAGENET_STD == IMAGENET_STD
+
+# ------------------------------------------------------------------------------------------
+# ensure_synthetic: where a synthetic preset may write
+# ------------------------------------------------------------------------------------------
+
+_SYN = dict(size=16, num_frames=4, seed=1, progress=False, log=lambda s: None)
+
+
+def _listing(d):
+  return sorted((f, os.path.getsize(os.path.join(d, f))) for f in os.listdir(d))
+
+
+def test_ensure_synthetic_writes_a_new_or_empty_folder_and_then_reuses_it(tmp_path):
+  new = tmp_path / "new" / "deeper"
+  summary = shards.ensure_synthetic(str(new), "endoscopy", 12, **_SYN)
+  assert summary["written_shards"] == 3 and shards.has_complete_index(new, verify=True)
+  assert sum(summary["videos"].values()) == 12
+  before = _listing(new)
+  assert shards.ensure_synthetic(str(new), "endoscopy", 12, **_SYN) is None
+  assert _listing(new) == before
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert shards.ensure_synthetic(str(empty), "echo", 5, **_SYN)["videos"]["train"] == 3
+
+
+def test_ensure_synthetic_rewrites_synthetic_shards_of_other_settings(tmp_path):
+  shards.ensure_synthetic(str(tmp_path), "endoscopy", 12, **_SYN)
+  summary = shards.ensure_synthetic(str(tmp_path), "endoscopy", 30, **_SYN)
+  assert sum(summary["videos"].values()) == 30
+  assert shards.load_index(tmp_path)["splits"]["test"]["num_videos"] == 5
+  assert shards.read_labels(tmp_path, "train", "polyp").shape == (21,)
+  summary = shards.ensure_synthetic(str(tmp_path), "echo", 6, **_SYN)
+  assert shards.load_index(tmp_path)["settings"]["synthetic"] == "echo"
+  assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".array_record")) == [
+      "test-00000-of-00001.array_record", "train-00000-of-00001.array_record",
+      "val-00000-of-00001.array_record"]
+
+
+def test_ensure_synthetic_resumes_a_killed_synthetic_write(tmp_path):
+  shards.ensure_synthetic(str(tmp_path), "endoscopy", 9, **_SYN)
+  os.remove(tmp_path / "index.json")                               # killed before the index,
+  os.remove(tmp_path / "test-00000-of-00001.array_record.json")    # before a marker,
+  (tmp_path / "extra-00000-of-00001.array_record.tmp").write_bytes(b"half a shard")  # mid-shard
+  summary = shards.ensure_synthetic(str(tmp_path), "endoscopy", 9, **_SYN)
+  assert (summary["reused_shards"], summary["written_shards"]) == (2, 1)
+  assert shards.has_complete_index(tmp_path, verify=True)
+
+
+def test_ensure_synthetic_never_writes_into_a_folder_of_other_things(tmp_path):
+  videos = tmp_path / "videos"
+  videos.mkdir()
+  (videos / "case01.mp4").write_bytes(b"\0" * 100)
+  (videos / "labels.csv").write_text("FileName,EF\ncase01,60\n")
+  with pytest.raises(ValueError, match=r"holds files that are not synthetic shards "
+                                       r"\(case01\.mp4, labels\.csv\)") as e:
+    shards.ensure_synthetic(str(videos), "echo", 5, **_SYN)
+  assert "\n" not in str(e.value) and sorted(os.listdir(videos)) == ["case01.mp4", "labels.csv"]
+  # Real shards whose index is not written yet (a conversion still running) are not ours either.
+  real = tmp_path / "real"
+  build = lambda job: {"video": np.zeros((2, 8, 8, 3), np.uint8), "fps": 10.0,
+                       "labels": {"polyp": 0}}
+  jobs = {"train": [{"name": "patient_a"}, {"name": "patient_b"}], "val": [{"name": "patient_c"}]}
+  shards.write_dataset(str(real), jobs, build, name="mine", channels=3, label_schema={},
+                       settings={}, progress=False, log=lambda s: None)
+  os.remove(real / "index.json")
+  before = _listing(real)
+  with pytest.raises(ValueError, match="train-00000-of-00001.array_record.json"):
+    shards.ensure_synthetic(str(real), "endoscopy", 5, **_SYN)
+  assert _listing(real) == before
+  with pytest.raises(ValueError, match="is a file"):
+    shards.ensure_synthetic(str(videos / "labels.csv"), "echo", 5, **_SYN)
+
+
+def test_ensure_synthetic_reads_a_complete_real_dataset_as_it_is(tmp_path):
+  build = lambda job: {"video": np.zeros((2, 8, 8, 3), np.uint8), "fps": 10.0,
+                       "labels": {"polyp": 1}}
+  jobs = {s: [{"name": f"{s}_video"}] for s in shards.SPLITS}
+  shards.write_dataset(str(tmp_path), jobs, build, name="mine", channels=3, label_schema={},
+                       settings={}, progress=False, log=lambda s: None)
+  (tmp_path / "README.txt").write_text("my data")
+  before = _listing(tmp_path)
+  assert shards.ensure_synthetic(str(tmp_path), "endoscopy", 50, **_SYN) is None
+  assert _listing(tmp_path) == before

@@ -533,6 +533,89 @@ def write_synthetic(kind: str, num: int, out_dir: str, *, size: int = 112, num_f
                        shard_size=shard_size, workers=workers, progress=progress, log=log)
 
 
+_SYNTHETIC_NAME_RE = re.compile(r"^(%s)_\d{6}$" % "|".join(synthetic.KINDS))
+
+
+def _first_record_name(path: str) -> Optional[str]:
+  from array_record.python.array_record_module import ArrayRecordReader
+  try:
+    reader = ArrayRecordReader(path)
+    try:
+      return decode_header(reader.read([0])[0])[0].get("name")
+    finally:
+      reader.close()
+  except Exception:  # not an ArrayRecord file, empty, or not our records
+    return None
+
+
+def _foreign_files(directory: str) -> list[str]:
+  """The entries of ``directory`` that are not synthetic shards, their markers, their index or
+  a half-written file of our writer (``.tmp``): what writing synthetic clips there could harm."""
+  foreign = []
+  for f in sorted(os.listdir(directory)):
+    path = os.path.join(directory, f)
+    if f.endswith(".tmp") and (f == INDEX + ".tmp" or _SHARD_RE.match(f)):
+      continue   # never accepted as data; the writer replaces it
+    if f == INDEX:
+      index = _read_json(path) or {}
+      ok = bool(index.get("settings", {}).get("synthetic"))
+    elif _SHARD_RE.match(f) and f.endswith(".array_record.json"):
+      videos = (_read_json(path) or {}).get("videos")
+      ok = isinstance(videos, list) and all(_SYNTHETIC_NAME_RE.match(str(v.get("name", "")))
+                                            for v in videos)
+    elif _SHARD_RE.match(f) and f.endswith(".array_record"):
+      marker = _read_json(path + ".json")
+      ok = marker is not None or bool(_SYNTHETIC_NAME_RE.match(_first_record_name(path) or ""))
+    else:
+      ok = False
+    if not ok:
+      foreign.append(f)
+  return foreign
+
+
+def ensure_synthetic(directory: str, kind: str, num: int, *, size: int, num_frames: int,
+                     seed: int = 0, progress: bool = True,
+                     log: Callable[[str], None] = print) -> Optional[dict]:
+  """Makes ``directory`` a dataset to train on for a config with ``data.synthetic = kind``.
+
+  - A complete shard index of real data: used as it is (nothing written).
+  - Synthetic shards of exactly these settings (kind, ``num`` clips, size, frames, seed): used.
+  - A missing or empty folder, or one holding only synthetic shards (of other settings, or
+    half-written by a killed run): ``num`` clips are written there (``write_synthetic``), reusing
+    what matches.
+  - Anything else (raw videos, other files, real shards without a complete index): ValueError,
+    and nothing is touched.
+
+  Returns ``write_synthetic``'s summary when it wrote, else None.
+  """
+  if not directory:
+    raise ValueError(f"synthetic {kind} clips need a folder to be written to: set data.dir")
+  directory = os.fspath(directory)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"data.dir {directory!r} is a file, not a folder")
+  if has_complete_index(directory):
+    index = load_index(directory)
+    settings = index.get("settings", {})
+    if not settings.get("synthetic"):
+      return None
+    want = {"synthetic": kind, "size": size, "num_frames": num_frames, "seed": seed}
+    total = sum(s["num_videos"] for s in index["splits"].values() if "alias_of" not in s)
+    if all(settings.get(k) == v for k, v in want.items()) and total == num:
+      return None
+  elif os.path.isdir(directory):
+    foreign = _foreign_files(directory)
+    if foreign:
+      shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+      raise ValueError(
+          f"data.dir {directory!r} has no complete shard index and holds files that are not "
+          f"synthetic shards ({shown}); synthetic clips are written only into an empty folder "
+          "or one of synthetic shards: point data.dir at a new folder, or write shards of "
+          "your videos with `python -m vidssm_jax.data.shards --videos ...`")
+  log(f"writing {num} synthetic {kind} clips to {directory} ...")
+  return write_synthetic(kind, num, directory, size=size, num_frames=num_frames, seed=seed,
+                         progress=progress, log=log)
+
+
 # ------------------------------------------------------------------------------------------
 # Video files + a label CSV
 # ------------------------------------------------------------------------------------------

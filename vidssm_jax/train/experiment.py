@@ -90,12 +90,15 @@ def ensure_data(config) -> None:
   """Writes synthetic shards when the config asks for them and they are missing."""
   d = config.data
   if d.synthetic:
-    # Only process 0 writes (hosts may share the folder); the others wait for it.
-    if jax.process_index() == 0 and not shards.has_complete_index(d.dir):
-      print(f"writing {d.synthetic_num} synthetic {d.synthetic} clips to {d.dir} ...")
-      shards.write_synthetic(d.synthetic, d.synthetic_num, d.dir, size=d.image_size,
-                             num_frames=d.get("synthetic_frames", 2 * d.num_frames * d.stride),
-                             seed=config.seed)
+    # Only process 0 writes (hosts may share the folder); the others wait for it. Written only
+    # into an empty folder or one of synthetic shards (shards.ensure_synthetic).
+    if jax.process_index() == 0:
+      try:
+        shards.ensure_synthetic(d.dir, d.synthetic, d.synthetic_num, size=d.image_size,
+                                num_frames=d.get("synthetic_frames", 2 * d.num_frames * d.stride),
+                                seed=config.seed)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("vidssm_jax: synthetic shards written")
