@@ -17,6 +17,16 @@ Fine-tuning configs: endomamba_polypdiag.py, endomamba_cvc.py, endomamba_cholec8
 import ml_collections
 
 
+def model_config(**fields):
+  """``config.model``: overrides of ``create_model``. Every config declares the scan settings,
+  so ``--config.model.scan_backend=associative`` works everywhere: ``scan_backend`` "auto" |
+  "reference" | "associative" | "pallas" | "triton" (``vidssm_jax.ops.selective_scan``),
+  ``chunk_size`` of the associative backend, ``remat`` per scanned layer "none" | "full" |
+  "dots" (README, "Training")."""
+  return ml_collections.ConfigDict(dict(scan_backend="auto", chunk_size=64, remat="none",
+                                        **fields))
+
+
 def get_config(arg: str = ""):
   preset = arg or "paper"
   if preset not in ("paper", "tiny"):
@@ -26,7 +36,7 @@ def get_config(arg: str = ""):
   c.mode = "pretrain"
   c.model_name = "endomamba_small"
   c.pretrain_model_name = "endomamba_small_pretrain"
-  c.model = ml_collections.ConfigDict(dict(dtype="bfloat16", in_chans=3))
+  c.model = model_config(dtype="bfloat16", in_chans=3)
 
   c.data = ml_collections.ConfigDict(dict(
       dir="", synthetic="", synthetic_num=0, num_frames=16, stride=4, image_size=224,
@@ -59,8 +69,8 @@ def get_config(arg: str = ""):
   if preset == "tiny":
     c.model_name = "endomamba_tiny"
     c.pretrain_model_name = "endomamba_tiny_pretrain"
-    c.model = ml_collections.ConfigDict(dict(dtype="float32", in_chans=3, img_size=32,
-                                             patch_size=8, depth=4, dim=32))
+    c.model = model_config(dtype="float32", in_chans=3, img_size=32, patch_size=8, depth=4,
+                           dim=32)
     c.data.update(dict(dir="/tmp/vidssm_demo_endoscopy", synthetic="endoscopy",
                        synthetic_num=64, num_frames=8, stride=2, image_size=32, num_workers=0))
     c.pretrain.steps = 20

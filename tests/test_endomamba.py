@@ -10,7 +10,8 @@ import pytest
 
 from conftest import rel_err
 from vidssm_jax.models import create_model
-from vidssm_jax.models.endomamba import EndoMamba, sinusoidal_embedding
+from vidssm_jax.models.endomamba import EndoMamba
+from vidssm_jax.nn.video import sinusoidal_embedding
 
 CFG = dict(img_size=32, patch_size=16, dim=32, depth=4)  # 2×2 patches + cls = 5 tokens a frame
 T = 32
@@ -36,7 +37,11 @@ def test_small_has_the_papers_parameter_count():
   assert abs(count - 24.46e6) / 24.46e6 <= 0.02, f"endomamba_small has {count:,} parameters"
   p = nn.meta.unbox(shapes)["params"]
   assert p["pos_embed"].shape == (197, 384) and p["cls_token"].shape == (384,)
-  assert "ssm_b" in p["blocks_11"]["mixer"] and "ssm_b" not in p["blocks_12"]["mixer"]
+  # Two scanned stacks: 12 bidirectional blocks, then 12 causal ones.
+  assert p["spatial_blocks"]["mixer"]["in_proj"]["kernel"].shape == (12, 384, 1536)
+  assert p["spatial_blocks"]["mixer"]["ssm_b"]["A_log"].shape == (12, 768, 16)
+  assert "ssm_b" not in p["temporal_blocks"]["mixer"]
+  assert p["temporal_blocks"]["mixer"]["ssm"]["A_log"].shape == (12, 768, 16)
 
 
 def test_shapes_and_intermediates(tiny):
@@ -139,7 +144,8 @@ def test_bad_input_raises_clear_errors(tiny):
   with pytest.raises(ValueError, match=r"expected \(batch, height, width, channels\)"):
     model.apply(variables, video[:, :2], model.init_state(2), method="step")
   deeper = EndoMamba(**{**CFG, "depth": 6})
-  with pytest.raises(ValueError, match="3 block caches, the model has 2"):
+  with pytest.raises(ValueError, match=r"state\['caches'\]\['conv'\] has shape \(3, 2, 3, 64\), "
+                     r"expected \(2, 2, 3, 64\)"):
     model.apply(variables, video[:, 0], deeper.init_state(2), method="step")
   with pytest.raises(ValueError, match="not a multiple of patch_size"):
     create_model("endomamba_tiny", img_size=40, patch_size=16).init(

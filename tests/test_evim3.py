@@ -13,9 +13,8 @@ from conftest import rel_err
 from vidssm_jax import masking
 from vidssm_jax.models import create_model
 from vidssm_jax.models.evim3 import (CORNER, EDGE, FACE, LAYER_ORDERS, REAL, REGISTER,
-                                     enclosure_layout, gather_moves)
-from vidssm_jax.nn.layers import ResidualBlock
-from vidssm_jax.nn.mamba import MambaMixer
+                                     enclosure_layout, gather_indices, gather_moves)
+from vidssm_jax.nn.mamba import MambaBlock, MambaConfig
 from vidssm_jax.train import pretrain as pt
 from vidssm_jax.train.state import create_state, decay_mask, layer_ids, make_optimizer
 
@@ -50,22 +49,32 @@ def np_patches(video, tt=2, p=4):
 def init_params(model, video, mask, key):
   """Encoder, decoder and head parameters. Compiling the whole model's init costs more than the
   tests, so the Mamba layers are initialised with one compiled layer init called per layer and
-  the rest through the model (``test_parameter_trees...`` checks the tree equals the model's)."""
+  the rest through the model (``test_parameter_trees...`` checks the tree equals the model's).
+  Each stack's layers are stacked on a leading axis, as ``nn.scan`` keeps them."""
   def shell(mod, v, m):  # touches every parameter but the Mamba layers
     x = mod.encoder.norm_f(mod.encoder.embed_volume(mod._patches(v)))
     return mod.decoder(x, None, jnp.zeros(x.shape[:2], bool)), mod.head(x[:, 0])
 
   init = lambda k, v, m: model.init(k, v, m, method=shell)
   params = nn.meta.unbox(compiled(init, key, video, mask)(key, video, mask))["params"]
-  layer = ResidualBlock(mixer=MambaMixer(dim=D, d_state=4, n_layers=6 * model.depth),
-                        norm="layer")
+  layer = MambaBlock(dim=D, cfg=MambaConfig(d_state=4), n_layers=6 * model.depth, norm="layer")
   x = jnp.zeros((1, 8, D))
   init_layer = compiled(lambda k: nn.meta.unbox(layer.init(k, x, x))["params"], key)
   for part, depth in (("encoder", model.depth), ("decoder", model.decoder_depth)):
-    for i in range(depth):
-      keys = [jax.random.fold_in(key, hash((part, i, j)) % 2**31) for j in range(6)]
-      params[part][f"blocks_{i}"] = {f"layers_{j}": init_layer(k) for j, k in enumerate(keys)}
+    if not depth:
+      continue
+    layers = {}
+    for j in range(6):
+      per_block = [init_layer(jax.random.fold_in(key, hash((part, i, j)) % 2**31))
+                   for i in range(depth)]
+      layers[f"layers_{j}"] = jax.tree.map(lambda *a: jnp.stack(a), *per_block)
+    params[part]["stack"] = {"blocks": layers}
   return params
+
+
+def block_params(params, part, i, j):
+  """Layer ``j`` of Mamba-3D block ``i``: slice ``i`` of the stacked parameters."""
+  return jax.tree.map(lambda a: a[i], params[part]["stack"]["blocks"][f"layers_{j}"])
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +152,17 @@ def test_mae_encoder_equals_an_independent_numpy_driven_path(tiny):
   vol = model.apply({"params": params}, video,
                     method=lambda mod, v: mod.encoder.embed_volume(mod._patches(v)))
   hidden = np.asarray(vol).reshape((B,) + lay.shape + (D,))
-  residual = None
+  residual = None  # before the first layer: residual = hidden, as in the release
   visible = np.ones((B,) + lay.shape, bool)
   for b in range(B):
     visible[b][lay.kind == REAL] = ~np.asarray(mask[b]).reshape(-1)
 
-  layer = ResidualBlock(mixer=MambaMixer(dim=D, d_state=4, scan_backend="reference"), norm="layer")
+  layer = MambaBlock(dim=D, cfg=MambaConfig(d_state=4, scan_backend="reference"), norm="layer")
   v = int(visible[0].sum())
   seq = jnp.zeros((B, v, D))
-  first = compiled(lambda p, h: layer.apply({"params": p}, h, None),
-                   params["encoder"]["blocks_0"]["layers_0"], seq)
-  later = compiled(lambda p, h, r: layer.apply({"params": p}, h, r),
-                   params["encoder"]["blocks_0"]["layers_0"], seq, seq)
+  p0 = block_params(params, "encoder", 0, 0)
+  first = compiled(lambda p, h: layer.apply({"params": p}, jnp.zeros_like(h), h), p0, seq)
+  later = compiled(lambda p, h, r: layer.apply({"params": p}, h, r), p0, seq, seq)
   axes = {"lhw": (1, 2, 3), "hwl": (2, 3, 1), "lwh": (1, 3, 2)}
   for i in range(CFG["depth"]):
     for j, (order, rev) in enumerate(LAYER_ORDERS):
@@ -163,7 +171,7 @@ def test_mae_encoder_equals_an_independent_numpy_driven_path(tiny):
       h = np.transpose(hidden, perm + (4,))[vis].reshape(B, v, D)
       r = None if residual is None else np.transpose(residual, perm + (4,))[vis].reshape(B, v, D)
       flip = (lambda x: x[:, ::-1]) if rev else (lambda x: x)
-      p = params["encoder"][f"blocks_{i}"][f"layers_{j}"]
+      p = block_params(params, "encoder", i, j)
       out_h, out_r = first(p, flip(h)) if r is None else later(p, flip(h), flip(r))
       new_h = np.zeros(np.transpose(hidden, perm + (4,)).shape, np.float32)
       new_r = np.zeros_like(new_h)
@@ -183,7 +191,7 @@ def test_order_changes_and_their_gradient():
   rank = jax.vmap(lambda k: jax.random.permutation(k, 60))(jax.random.split(jax.random.key(0), 2))
   visible = (rank < v).reshape((2,) + shape)
   indices, perms = masking.scan_transforms(visible, v, with_inverse=True)
-  moves = gather_moves(perms, v)
+  moves = gather_moves(gather_indices(perms, v))
   x = jax.random.normal(jax.random.key(1), (2, v, 3))
   g = jax.random.normal(jax.random.key(2), (2, v, 3))
   for src, dst in masking.ORDER_CYCLE:
@@ -309,20 +317,24 @@ def test_parameter_trees_follow_the_trainer_contract(tiny):
   assert shapes(pre["params"]) == shapes(ours)
   enc = fine["params"]["encoder"]
   assert set(enc) == {"patch_embed", "face_tokens", "edge_tokens", "corner_tokens",
-                      "register_token", "pos_embed_l", "pos_embed_h", "pos_embed_w", "blocks_0",
-                      "blocks_1", "norm_f"}
-  assert set(enc["blocks_1"]) == {f"layers_{j}" for j in range(6)}
+                      "register_token", "pos_embed_l", "pos_embed_h", "pos_embed_w", "stack",
+                      "norm_f"}
+  blocks = enc["stack"]["blocks"]  # one scan over the Mamba-3D blocks: leading axis = depth
+  assert set(blocks) == {f"layers_{j}" for j in range(6)}
   assert enc["pos_embed_l"].shape == (5, D) and enc["face_tokens"].shape == (6, D)
-  assert enc["blocks_0"]["layers_3"]["norm"]["scale"].shape == (D,)  # LayerNorm: scale + bias
+  assert blocks["layers_3"]["norm"]["scale"].shape == (2, D)  # LayerNorm: scale + bias
   decay = decay_mask(fine["params"])["encoder"]
-  assert decay["blocks_0"]["layers_0"]["mixer"]["in_proj"]["kernel"]
+  dblocks = decay["stack"]["blocks"]
+  assert dblocks["layers_0"]["mixer"]["in_proj"]["kernel"]
   assert decay["patch_embed"]["kernel"]
   assert not any([decay["face_tokens"], decay["register_token"], decay["pos_embed_w"],
-                  decay["blocks_0"]["layers_0"]["mixer"]["ssm"]["A_log"],
-                  decay["blocks_0"]["layers_0"]["norm"]["scale"], decay["norm_f"]["bias"]])
-  ids = layer_ids(fine["params"], num_layers=model.depth)
+                  dblocks["layers_0"]["mixer"]["ssm"]["A_log"],
+                  dblocks["layers_0"]["norm"]["scale"], decay["norm_f"]["bias"]])
+  ids = layer_ids(fine["params"], model.layer_groups, num_layers=model.depth)
   assert ids["encoder"]["pos_embed_l"] == 0 and ids["encoder"]["edge_tokens"] == 0
-  assert ids["encoder"]["blocks_1"]["layers_5"]["mixer"]["in_proj"]["kernel"] == 2
+  np.testing.assert_array_equal(
+      ids["encoder"]["stack"]["blocks"]["layers_5"]["mixer"]["in_proj"]["kernel"],
+      np.array([1, 2]).reshape(2, 1, 1))
   assert ids["head"]["fc"]["kernel"] == 3
   assert pt.token_grid(model) == (2, 4, 4)
 
@@ -370,8 +382,8 @@ def test_presets():
   tree = jax.eval_shape(lambda v: p4.init(jax.random.key(0), v), video)["params"]
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(t)))
   print(f"evim3_p4: encoder {count(tree['encoder']):,}, head {count(tree['head']):,} parameters")
-  blocks = {k for k in tree["encoder"] if k.startswith("blocks_")}
-  assert blocks == {f"blocks_{i}" for i in range(6)}
+  blocks = nn.meta.unbox(tree["encoder"]["stack"]["blocks"])
+  assert blocks["layers_0"]["mixer"]["in_proj"]["kernel"].shape == (6, 192, 768)
   assert count(tree["encoder"]) > 1e6
   p8 = create_model("evim3_p8")
   assert p8.token_grid == (32, 14, 14) and p8.num_masked == int(0.8 * 16 * 7 * 7) * 8

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from vidssm_jax.nn.mamba import BiMambaMixer, MambaMixer
+from vidssm_jax.nn.mamba import MambaConfig, BiMambaMixer, MambaMixer
 
 DIM, L = 24, 13
 
@@ -97,7 +97,7 @@ def test_bimixer_equals_two_directions_summed():
 def test_bfloat16_compute_is_close_to_float32(mixer_and_vars):
   m, variables, x = mixer_and_vars
   y32 = m.apply(variables, x)
-  y16 = MambaMixer(dim=DIM, n_layers=9, dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16))
+  y16 = MambaMixer(dim=DIM, n_layers=9, cfg=MambaConfig(dtype=jnp.bfloat16)).apply(variables, x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
   assert rel_err(y16, y32) <= 3e-2
 

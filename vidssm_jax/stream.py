@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidssm_jax.models.endomamba import IMAGENET_MEAN, IMAGENET_STD
+from vidssm_jax.nn.video import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jax.Array
 

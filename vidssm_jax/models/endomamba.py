@@ -20,8 +20,7 @@ costs the same whatever came before it.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -29,51 +28,47 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidssm_jax.models.registry import register
-from vidssm_jax.nn.layers import RMSNorm, ResidualBlock, partitioned
-from vidssm_jax.nn.mamba import BiMambaMixer, MambaMixer, torch_linear_init
+from vidssm_jax.models.vit import ViTStack, vit_layer_norm
+from vidssm_jax.nn.layers import REMAT_POLICIES, RMSNorm, layer_stack, partitioned
+from vidssm_jax.nn.mamba import MambaBlock, MambaConfig, torch_linear_init
+from vidssm_jax.nn.video import (IMAGENET_MEAN, IMAGENET_STD, check_video, patchify,
+                                 sinusoidal_embedding, unpatchify)
 
 Array = jax.Array
 Dtype = Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
+class EndoMambaLayer(MambaBlock):
+  """One block of a scanned EndoMamba stack (the body of ``layer_stack``).
 
-def sinusoidal_embedding(positions: Array, dim: int) -> Array:
-  """Transformer sin/cos embedding: ``positions (...,)`` (any number) -> ``(..., dim)`` float32.
-
-  ``emb[..., 2i] = sin(p / 10000^(2i/dim))``, ``emb[..., 2i+1] = cos(p / 10000^(2i/dim))``.
+  ``carry = (hidden, residual, taps)``: the stream ``(B, L, dim)`` and the intermediate maps
+  being collected; ``xs = (index, drop_rate, cache)``: the block's global index, its
+  stochastic-depth rate and its streaming cache (None for a fresh clip). Returns ``(carry,
+  cache)``. ``tap_layers`` are the global indices whose ``residual + hidden`` land in ``taps``.
   """
-  if dim % 2:
-    raise ValueError(f"sinusoidal_embedding: dim must be even, got {dim}")
-  freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angle = jnp.asarray(positions, jnp.float32)[..., None] * freq
-  return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*angle.shape[:-1], dim)
 
+  tap_layers: tuple = ()
 
-def check_video(video, *, img_size: int, in_chans: int, ndim: int = 5, who: str = "EndoMamba"):
-  """Raises a ValueError naming the problem unless ``video`` is ``(..., img, img, in_chans)``."""
-  layout = {5: "(batch, time, height, width, channels)", 4: "(batch, height, width, channels)"}[ndim]
-  if video.ndim != ndim:
-    raise ValueError(f"{who}: input has shape {tuple(video.shape)}, expected {layout}")
-  if not jnp.issubdtype(video.dtype, jnp.floating):
-    raise ValueError(f"{who}: input has dtype {video.dtype}, expected a float video "
-                     "(normalise uint8 frames first, e.g. with vidssm_jax.stream.preprocess)")
-  h, w, c = video.shape[-3:]
-  if c != in_chans:
-    raise ValueError(f"{who}: video has {c} channels, the model expects {in_chans} "
-                     "(set in_chans)")
-  if (h, w) != (img_size, img_size):
-    raise ValueError(f"{who}: frames are {h}×{w}, the model expects {img_size}×{img_size} "
-                     "(set img_size, or resize the frames)")
+  def __call__(self, carry, xs, train: bool):
+    hidden, residual, taps = carry
+    index, rate, cache = xs
+    if cache is None:
+      hidden, residual = self.forward(hidden, residual, rate, train)
+    else:
+      hidden, residual, cache = self.forward_chunk(hidden, residual, cache)
+    if taps:
+      out = residual + hidden.astype(jnp.float32)
+      taps = tuple(jnp.where(index == k, out, tap) for k, tap in zip(self.tap_layers, taps))
+    return (hidden, residual, taps), cache
 
 
 class EndoMamba(nn.Module):
   """EndoMamba backbone. ``__call__(video (b, t, H, W, C)) -> features (b, t, tokens, dim)``.
 
   ``tokens = (img_size // patch_size)² (+1 with the cls token, first)``. Parameters:
-  ``patch_embed``, ``pos_embed (tokens, dim)``, ``cls_token (dim,)``, ``blocks_{i}`` for
-  ``i < depth`` (the first ``num_spatial_layers`` bidirectional), ``norm_f``.
+  ``patch_embed``, ``pos_embed (tokens, dim)``, ``cls_token (dim,)``, ``spatial_blocks`` (the
+  first ``num_spatial_layers`` blocks, bidirectional, stacked on a leading ``layers`` axis),
+  ``temporal_blocks`` (the rest, causal, stacked), ``norm_f``.
   """
 
   img_size: int = 224
@@ -92,6 +87,8 @@ class EndoMamba(nn.Module):
   divide_out: bool = False  # EndoMamba's release sums the two directions
   dtype: Dtype = jnp.float32  # compute dtype; parameters, residual and scan state stay float32
   scan_backend: str = "auto"
+  chunk_size: int = 64  # of the "associative" scan backend
+  remat: str = "none"  # per scanned block: "none" | "full" | "dots" (nn/layers.py, ours)
 
   # ---- static geometry (usable on an unbound module) ----------------------------------------
 
@@ -119,9 +116,34 @@ class EndoMamba(nn.Module):
     return self.expand * self.dim
 
   @property
+  def mamba(self) -> MambaConfig:
+    return MambaConfig(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                       dtype=self.dtype, scan_backend=self.scan_backend,
+                       chunk_size=self.chunk_size)
+
+  @property
   def intermediate_layers(self) -> tuple[int, int, int]:
     """Blocks after which intermediate features are taken (as in the release)."""
     return (self.depth // 3, 2 * self.depth // 3, self.depth - 1)
+
+  # ---- what the trainer asks of a model (see models/registry.py) ----------------------------
+
+  transfer_subtree = "backbone"  # what fine-tuning copies from a pretraining checkpoint
+
+  @property
+  def num_layers(self) -> int:
+    return self.depth
+
+  @property
+  def layer_groups(self) -> dict:
+    """Scanned stacks and the global index of their first block (for layer-wise lr decay)."""
+    return {("spatial_blocks",): 0, ("temporal_blocks",): self.n_spatial}
+
+  def drop_rates(self) -> np.ndarray:
+    """Stochastic depth as the release: block i drops the previous block's output at rate
+    ``linspace(0, rate, depth)[i - 1]`` (block 0 has nothing to drop: its branch is zero)."""
+    return np.array([0.0] + [self.drop_path_rate * i / max(self.depth - 1, 1)
+                             for i in range(self.depth - 1)], np.float32)
 
   def _check_config(self):
     if self.img_size % self.patch_size:
@@ -129,6 +151,8 @@ class EndoMamba(nn.Module):
                        f"patch_size={self.patch_size}")
     if self.dim % 2:
       raise ValueError(f"EndoMamba: dim={self.dim} must be even (sinusoidal time embedding)")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"EndoMamba: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
   # ---- parameters ---------------------------------------------------------------------------
 
@@ -145,19 +169,20 @@ class EndoMamba(nn.Module):
     if self.use_cls_token:
       self.cls_token = self.param("cls_token", partitioned(nn.initializers.zeros, "embed"),
                                   (self.dim,))
-    # Stochastic depth as the release: block i drops the previous block's output at rate
-    # linspace(0, rate, depth)[i - 1] (block 0 has no residual branch to drop).
-    rates = [0.0] + [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    blocks = []
-    for i in range(self.depth):
-      kw = dict(dim=self.dim, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-                n_layers=self.depth, dtype=self.dtype, scan_backend=self.scan_backend,
-                parent=None)
-      mixer = (BiMambaMixer(divide_out=self.divide_out, **kw) if i < self.n_spatial
-               else MambaMixer(**kw))
-      blocks.append(ResidualBlock(mixer=mixer, norm="rms", norm_eps=self.norm_eps,
-                                  drop_path=rates[i]))
-    self.blocks = blocks
+    s = self.n_spatial
+    stochastic = self.drop_path_rate > 0
+    kw = dict(dim=self.dim, cfg=self.mamba, n_layers=self.depth, norm="rms",
+              norm_eps=self.norm_eps, stochastic_depth=stochastic)
+    taps = self.intermediate_layers
+    if s:
+      self.spatial_blocks = layer_stack(EndoMambaLayer, s, remat=self.remat, num_broadcast=1,
+                                        static_broadcast=(0,))(
+          bidirectional=True, divide_out=self.divide_out,
+          tap_layers=tuple(k for k in taps if k < s), **kw)
+    if self.depth - s:
+      self.temporal_blocks = layer_stack(EndoMambaLayer, self.depth - s, remat=self.remat,
+                                         num_broadcast=1, static_broadcast=(0,))(
+          tap_layers=tuple(k for k in taps if k >= s), **kw)
     self.norm_f = RMSNorm(eps=self.norm_eps, dtype=self.dtype, name="norm_f")
 
   # ---- pieces -------------------------------------------------------------------------------
@@ -174,27 +199,34 @@ class EndoMamba(nn.Module):
       x = jnp.concatenate([cls, x], axis=2)
     return x + self.pos_embed
 
-  def _blocks(self, x: Array, caches, train: bool):
-    """Runs every block on tokens ``(b, t, m, dim)``; ``caches`` None (a fresh clip) or one
-    cache per temporal block. Returns ``(features, intermediates, new_caches)``."""
+  def _blocks(self, x: Array, caches, train: bool, return_intermediates: bool = False):
+    """Runs both stacks on tokens ``(b, t, m, dim)``; ``caches`` None (a fresh clip) or the
+    stacked temporal caches. Returns ``(features, intermediates, new_caches)``."""
     b, t, m, d = x.shape
-    hidden, residual = x.reshape(b * t, m, d), None
-    taps, new_caches = [], []
-    for i, block in enumerate(self.blocks):
-      if i == self.n_spatial:  # per-frame layout -> time-major clip
-        hidden = hidden.reshape(b, t * m, d)
-        residual = None if residual is None else residual.reshape(b, t * m, d)
-      if i < self.n_spatial:
-        hidden, residual = block(hidden, residual, train=train)
-      elif caches is None:
-        hidden, residual = block(hidden, residual, train=train)
-      else:
-        hidden, residual, cache = block.forward_chunk(hidden, residual, caches[i - self.n_spatial])
-        new_caches.append(cache)
-      if i in self.intermediate_layers:
-        taps.append((residual + hidden.astype(jnp.float32)).reshape(b, t, m, d))
+    s, rates = self.n_spatial, jnp.asarray(self.drop_rates())
+    index = jnp.arange(self.depth)
+    # The stream starts as (hidden 0, residual = tokens), so block 0 is like every other.
+    residual = x.reshape(b * t, m, d).astype(jnp.float32)
+    hidden = jnp.zeros(residual.shape, self.dtype)
+    taps = {}
+
+    def run(stack, hidden, residual, lo, hi, caches):
+      wanted = stack.tap_layers if return_intermediates else ()
+      carry = (hidden, residual, tuple(jnp.zeros_like(residual) for _ in wanted))
+      (hidden, residual, got), caches = stack(carry, (index[lo:hi], rates[lo:hi], caches), train)
+      taps.update({k: v.reshape(b, t, m, d) for k, v in zip(wanted, got)})
+      return hidden, residual, caches
+
+    if s:
+      hidden, residual, _ = run(self.spatial_blocks, hidden, residual, 0, s, None)
+    hidden, residual = hidden.reshape(b, t * m, d), residual.reshape(b, t * m, d)
+    new_caches = None
+    if self.depth - s:
+      hidden, residual, new_caches = run(self.temporal_blocks, hidden, residual, s, self.depth,
+                                         caches)
     out = self.norm_f(residual + hidden.astype(jnp.float32)).reshape(b, t, m, d)
-    return out, taps, new_caches
+    return out, [taps[k] for k in self.intermediate_layers] if return_intermediates else [], \
+        new_caches
 
   # ---- public API ---------------------------------------------------------------------------
 
@@ -213,46 +245,45 @@ class EndoMamba(nn.Module):
     """
     check_video(video, img_size=self.img_size, in_chans=self.in_chans)
     x = self.embed(video, jnp.zeros((video.shape[0],), jnp.int32))
-    out, taps, _ = self._blocks(x, None, train)
+    out, taps, _ = self._blocks(x, None, train, return_intermediates)
     return (out, taps) if return_intermediates else out
+
+  def _cache_shapes(self, batch_size: int) -> dict:
+    n = self.depth - self.n_spatial
+    return {"conv": (n, batch_size, self.d_conv - 1, self.d_inner),
+            "ssm": (n, batch_size, self.d_inner, self.d_state)}
 
   def init_state(self, batch_size: int) -> dict:
     """The streaming state before the first frame (works on an unbound module).
 
-    Returns ``{"frame": (b,) int32, "caches": [{"conv": (b, d_conv-1, D_inner),
-    "ssm": (b, D_inner, d_state)}, ...]}`` with one cache per temporal (causal) block, where
-    ``D_inner = expand * dim``; all zeros. ``frame`` is the index of the next frame of each stream.
+    Returns ``{"frame": (b,) int32, "caches": {"conv": (n_t, b, d_conv-1, D_inner),
+    "ssm": (n_t, b, D_inner, d_state)}}``, all zeros, float32: the caches of the ``n_t``
+    temporal (causal) blocks stacked on a leading axis, ``D_inner = expand * dim``. ``frame`` is
+    the index of the next frame of each stream.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"EndoMamba.init_state: batch_size must be a positive int, got {batch_size!r}")
-    cache = lambda: {
-        "conv": jnp.zeros((batch_size, self.d_conv - 1, self.d_inner), jnp.float32),
-        "ssm": jnp.zeros((batch_size, self.d_inner, self.d_state), jnp.float32)}
     return {"frame": jnp.zeros((batch_size,), jnp.int32),
-            "caches": [cache() for _ in range(self.depth - self.n_spatial)]}
+            "caches": {k: jnp.zeros(v, jnp.float32)
+                       for k, v in self._cache_shapes(batch_size).items()}}
 
   def check_state(self, state, batch_size: int) -> None:
     """Raises a ValueError unless ``state`` is shaped like ``init_state(batch_size)``."""
     if not isinstance(state, dict) or set(state) != {"frame", "caches"}:
       raise ValueError("EndoMamba: state must be the dict from init_state(batch_size) "
                        f"(keys 'frame', 'caches'), got {type(state).__name__}")
-    n_temporal = self.depth - self.n_spatial
-    if len(state["caches"]) != n_temporal:
-      raise ValueError(f"EndoMamba: state has {len(state['caches'])} block caches, the model has "
-                       f"{n_temporal} temporal blocks (a state from another model?)")
     frame = state["frame"]
     got_b = frame.shape[0] if getattr(frame, "ndim", 0) == 1 else None
     if got_b != batch_size:
       raise ValueError(f"EndoMamba: state was made for batch size {got_b}, the frames have batch "
                        f"size {batch_size} (call init_state({batch_size}))")
-    expected = {"conv": (batch_size, self.d_conv - 1, self.d_inner),
-                "ssm": (batch_size, self.d_inner, self.d_state)}
-    for i, cache in enumerate(state["caches"]):
-      for key, shape in expected.items():
-        got = tuple(cache[key].shape) if key in cache else "missing"
-        if got != shape:
-          raise ValueError(f"EndoMamba: state['caches'][{i}][{key!r}] has shape {got}, expected "
-                           f"{shape} (from init_state({batch_size}))")
+    caches = state["caches"]
+    for key, shape in self._cache_shapes(batch_size).items():
+      got = tuple(caches[key].shape) if isinstance(caches, dict) and key in caches else "missing"
+      if got != shape:
+        raise ValueError(f"EndoMamba: state['caches'][{key!r}] has shape {got}, expected "
+                         f"{shape} = (temporal blocks, batch, ...) from init_state({batch_size}) "
+                         "(a state from another model?)")
 
   def forward_chunk(self, video: Array, state: dict):
     """Continues a stream with a chunk of frames.
@@ -265,6 +296,8 @@ class EndoMamba(nn.Module):
     self.check_state(state, video.shape[0])
     x = self.embed(video, state["frame"])
     out, _, caches = self._blocks(x, state["caches"], False)
+    if caches is None:  # no temporal blocks
+      caches = state["caches"]
     return out, {"frame": state["frame"] + video.shape[1], "caches": caches}
 
   def step(self, frame: Array, state: dict):
@@ -324,23 +357,6 @@ def endomamba_middle(**overrides) -> nn.Module:
 # ---- pretraining (SPEC §2 "Pretraining") --------------------------------------------------------
 
 
-def patchify(video: Array, patch_size: int) -> Array:
-  """``(b, t, H, W, C) -> (b, t, n, p·p·C)``, patches in raster order, pixels as ``(p, p, C)``."""
-  b, t, h, w, c = video.shape
-  p = patch_size
-  x = video.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-  return x.reshape(b, t, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: Array, patch_size: int, grid_h: int, grid_w: int) -> Array:
-  """Inverse of :func:`patchify`: ``(b, t, grid_h·grid_w, p·p·C) -> (b, t, H, W, C)``."""
-  b, t, _, ppc = patches.shape
-  p = patch_size
-  c = ppc // (p * p)
-  x = patches.reshape(b, t, grid_h, grid_w, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-  return x.reshape(b, t, grid_h * p, grid_w * p, c)
-
-
 def normalised_patch_targets(video: Array, patch_size: int) -> Array:
   """Per-patch normalised pixel targets ``(b, t, n, p·p·C)`` float32 from an ImageNet-normalised
   video: undo the normalisation, then ``(x - mean) / (std + 1e-6)`` within each patch (unbiased
@@ -365,11 +381,10 @@ class MAEDecoder(nn.Module):
   out_dim: int = 768
   num_positions: int = 16 * 196
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x_vis: Array, pos_vis: Array, pos_mask: Array, *, train: bool = False):
-    from vidssm_jax.models.vit import ViTBlock, _layer_norm  # vit imports this module
-
     x = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="embed",
                  kernel_init=partitioned(nn.initializers.xavier_uniform(), "embed", None))(x_vis)
     mask_token = self.param("mask_token", partitioned(nn.initializers.truncated_normal(0.02), None),
@@ -377,10 +392,9 @@ class MAEDecoder(nn.Module):
     b, m = pos_mask.shape
     x = jnp.concatenate([x, jnp.broadcast_to(mask_token, (b, m, self.dim)).astype(x.dtype)], 1)
     x = x + sinusoidal_embedding(jnp.concatenate([pos_vis, pos_mask], 1), self.dim)
-    for i in range(self.depth):
-      x = ViTBlock(self.dim, self.num_heads, 4.0, True, 1e-6, 0.0, self.dtype,
-                   name=f"blocks_{i}")(x, train=train)
-    x = _layer_norm(1e-6, self.dtype, "norm")(x[:, -m:])
+    x = ViTStack(self.dim, self.depth, self.num_heads, dtype=self.dtype, remat=self.remat,
+                 name="stack")(x, train=train)
+    x = vit_layer_norm(1e-6, self.dtype, "norm")(x[:, -m:])
     head = nn.Dense(self.out_dim, dtype=self.dtype, name="head",
                     kernel_init=partitioned(nn.initializers.xavier_uniform(), None, None),
                     bias_init=partitioned(nn.initializers.zeros, None))
@@ -404,9 +418,31 @@ class EndoMambaPretrainer(nn.Module):
   teacher_dim: Optional[int] = None  # default: the backbone's width (no projection)
   num_frames: int = 16  # positions of the decoder's sinusoidal table are computed, any T runs
 
+  transfer_subtree = "backbone"
+
   @property
   def num_masked(self) -> int:
     return int(self.mask_ratio * self.backbone.num_patches)
+
+  @property
+  def in_chans(self) -> int:
+    return self.backbone.in_chans
+
+  @property
+  def num_layers(self) -> int:
+    return self.backbone.depth
+
+  @property
+  def layer_groups(self) -> dict:
+    return {("backbone",) + k: v for k, v in self.backbone.layer_groups.items()}
+
+  def with_pretrain_mask(self, kind: str, ratio: float, **options) -> "EndoMambaPretrainer":
+    """This model set up for the pretraining masks ``masking.batched_mask`` draws with these
+    settings (only tube masks: the visible tokens of every frame must be the same)."""
+    if kind != "tube":
+      raise ValueError(f"EndoMamba pretraining takes tube masks, got mask kind {kind!r} "
+                       "(set pretrain.mask.kind='tube')")
+    return self.clone(mask_ratio=float(ratio))
 
   @property
   def token_grid(self) -> tuple[int, int, int]:
@@ -417,7 +453,8 @@ class EndoMambaPretrainer(nn.Module):
     bb = self.backbone
     self.decoder = MAEDecoder(self.decoder_dim, self.decoder_depth, self.decoder_heads,
                               out_dim=bb.patch_size**2 * bb.in_chans,
-                              num_positions=self.num_frames * bb.num_patches, dtype=bb.dtype)
+                              num_positions=self.num_frames * bb.num_patches, dtype=bb.dtype,
+                              remat=bb.remat)
     if self.teacher_dim is not None and self.teacher_dim != bb.dim:
       self.align_proj = nn.Dense(self.teacher_dim, dtype=bb.dtype,
                                  kernel_init=partitioned(nn.initializers.xavier_uniform(),

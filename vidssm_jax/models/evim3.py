@@ -47,10 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidssm_jax import masking
-from vidssm_jax.models.endomamba import check_video
 from vidssm_jax.models.registry import register
-from vidssm_jax.nn.layers import ResidualBlock, partitioned
-from vidssm_jax.nn.mamba import MambaMixer, torch_linear_init
+from vidssm_jax.nn.layers import REMAT_POLICIES, layer_stack, partitioned
+from vidssm_jax.nn.mamba import MambaBlock, MambaConfig, torch_linear_init
+from vidssm_jax.nn.video import check_video
 
 Array = jax.Array
 Dtype = Any
@@ -219,10 +219,10 @@ def reorder(x: Array, shape, src: str, dst: str) -> Array:
 class _Moves:
   """Moves a token sequence ``(b, l, ·)`` into the layout of layer ``j`` of a block.
 
-  A block enters in reversed LHW order (the last layer of the previous block) or, for the first
-  block, already in HWL order (the embedding lists the tokens that way). Reversals are flips;
-  the order changes HWL -> LWH -> LHW -> HWL go through ``change(x, src, dst)``, which takes
-  tokens listed in *reversed* ``src`` order to ``dst`` order.
+  Every block enters in reversed LHW order: the last layer of the previous block leaves its
+  tokens so, and a stack's input is listed so too, which makes every block the same function.
+  Reversals are flips; the order changes LHW -> HWL -> LWH -> LHW go through ``change(x, src,
+  dst)``, which takes tokens listed in *reversed* ``src`` order to ``dst`` order.
   """
 
   _CHANGE = {0: ("lhw", "hwl"), 2: ("hwl", "lwh"), 4: ("lwh", "lhw")}
@@ -230,9 +230,7 @@ class _Moves:
   def __init__(self, change):
     self.change = change
 
-  def __call__(self, x, j: int, first: bool):
-    if x is None or (first and j == 0):
-      return x
+  def __call__(self, x, j: int):
     if j % 2:
       return jnp.flip(x, axis=1)
     return self.change(x, *self._CHANGE[j])
@@ -267,19 +265,22 @@ def _permute_bwd(res, g):
 permute_tokens.defvjp(_permute_fwd, _permute_bwd)
 
 
-def gather_moves(perms: dict, num_visible: int) -> _Moves:
-  """Visible tokens only: one gather with per-example indices ``(b, V)`` per order change.
-
-  ``perms`` holds ``(src, dst)`` and its inverse ``(dst, src)`` for each order change (as
-  ``masking.scan_transforms(..., with_inverse=True)`` gives them).
-  """
-  index, inverse = {}, {}
+def gather_indices(perms: dict, num_visible: int) -> dict:
+  """The per-example gathers ``{"src->dst": (index (b, V), inverse (b, V))}`` of the visible
+  tokens for each order change, from ``perms`` holding ``(src, dst)`` and its inverse ``(dst,
+  src)`` (as ``masking.scan_transforms(..., with_inverse=True)`` gives them)."""
+  out = {}
   for src, dst in masking.ORDER_CYCLE:
     # Entering from the *reversed* src list, whose element k is element V-1-k of the list:
     # y[j] = x[V-1-P[j]], so x[k] goes to j = P⁻¹[V-1-k].
-    index[(src, dst)] = num_visible - 1 - perms[(src, dst)]
-    inverse[(src, dst)] = jnp.flip(perms[(dst, src)], axis=-1)
-  return _Moves(lambda x, src, dst: permute_tokens(x, index[(src, dst)], inverse[(src, dst)]))
+    out[f"{src}->{dst}"] = (num_visible - 1 - perms[(src, dst)],
+                            jnp.flip(perms[(dst, src)], axis=-1))
+  return out
+
+
+def gather_moves(indices: dict) -> _Moves:
+  """Visible tokens only: one gather per order change, with indices from :func:`gather_indices`."""
+  return _Moves(lambda x, src, dst: permute_tokens(x, *indices[f"{src}->{dst}"]))
 
 
 # ---- modules ----------------------------------------------------------------------------------
@@ -291,58 +292,68 @@ def _layer_norm(eps, dtype, name):
                       bias_init=partitioned(nn.initializers.zeros, "embed"))
 
 
-def _drop_rates(rate: float, n_layers: int) -> list[float]:
-  """Stochastic depth linear from 0 to ``rate`` over the layers (the first has no branch)."""
-  return [rate * i / max(n_layers - 1, 1) for i in range(n_layers)]
+def _drop_rates(rate: float, n_blocks: int) -> Array:
+  """Stochastic depth linear from 0 to ``rate`` over the ``6 · n_blocks`` layers, ``(n_blocks,
+  6)`` (the first layer has no branch to drop)."""
+  n = 6 * n_blocks
+  return jnp.asarray([rate * i / max(n - 1, 1) for i in range(n)], jnp.float32).reshape(-1, 6)
 
 
 class Mamba3DBlock(nn.Module):
-  """Six separate unidirectional pre-norm residual Mamba layers (LayerNorm, float32 residual),
-  ``layers_0..5``, scanning HWL, reversed HWL, LWH, reversed LWH, LHW, reversed LHW.
+  """One Mamba-3D block, the body of a scanned stack: six unidirectional pre-norm residual
+  Mamba layers (LayerNorm, float32 residual), ``layers_0..5``, scanning HWL, reversed HWL, LWH,
+  reversed LWH, LHW, reversed LHW, with the tokens moved between them.
 
-  ``__call__(hidden, residual, move)``: ``hidden (b, l, dim)`` in ``dtype``, ``residual`` float32
-  or None (before the first layer of a stack); ``move(x, j)`` permutes a sequence into layer
-  ``j``'s layout. Returns ``(hidden, residual)`` in reversed LHW order.
+  ``carry = (hidden (b, l, dim), residual (b, l, dim) float32)``, entering and leaving in
+  reversed LHW order; ``xs``: the six layers' stochastic-depth rates; ``indices``: the visible
+  tokens' gathers (:func:`gather_indices`), or None for the full volume of ``shape``.
   """
 
   dim: int
-  d_state: int = 16
-  d_conv: int = 4
-  expand: int = 2
+  cfg: MambaConfig = MambaConfig()
   n_layers: int = 6  # layers in the whole stack (out_proj init scale)
-  drop_path: tuple = (0.0,) * 6
   norm_eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  scan_backend: str = "auto"
+  stochastic_depth: bool = False
+  shape: tuple = ()  # the enlarged volume (L+, H+, W+)
 
-  def setup(self):
-    self.layers = [
-        ResidualBlock(
-            mixer=MambaMixer(dim=self.dim, d_state=self.d_state, d_conv=self.d_conv,
-                             expand=self.expand, n_layers=self.n_layers, dtype=self.dtype,
-                             scan_backend=self.scan_backend, parent=None),
-            norm="layer", norm_eps=self.norm_eps, drop_path=self.drop_path[j])
-        for j in range(len(LAYER_ORDERS))]
-
-  def __call__(self, hidden: Array, residual: Optional[Array], move, *, train: bool = False):
-    for j, layer in enumerate(self.layers):
+  @nn.compact
+  def __call__(self, carry, rates, indices, train: bool):
+    hidden, residual = carry
+    move = dense_moves(self.shape) if indices is None else gather_moves(indices)
+    for j in range(len(LAYER_ORDERS)):
       hidden, residual = move(hidden, j), move(residual, j)
-      hidden, residual = layer(hidden, residual, train=train)
-    return hidden, residual
+      layer = MambaBlock(dim=self.dim, cfg=self.cfg, n_layers=self.n_layers, norm="layer",
+                         norm_eps=self.norm_eps, stochastic_depth=self.stochastic_depth,
+                         name=f"layers_{j}")
+      hidden, residual = layer(hidden, residual, drop_rate=rates[j], train=train)
+    return (hidden, residual), None
 
 
-def _block_stack(n_blocks, name_prefix, kw, drop_path_rate):
-  rates = _drop_rates(drop_path_rate, 6 * n_blocks)
-  return [Mamba3DBlock(n_layers=6 * n_blocks, drop_path=tuple(rates[6 * i:6 * i + 6]), **kw,
-                       name=f"{name_prefix}_{i}") for i in range(n_blocks)]
+class Mamba3DStack(nn.Module):
+  """``depth`` Mamba-3D blocks as one scan over stacked parameters (``blocks``, leading
+  ``layers`` axis). ``(x (b, l, dim) in reversed LHW order, indices) -> residual + hidden``
+  ``(b, l, dim)`` float32 in LHW order."""
 
+  dim: int
+  depth: int
+  cfg: MambaConfig = MambaConfig()
+  norm_eps: float = 1e-5
+  drop_path_rate: float = 0.0
+  shape: tuple = ()
+  remat: str = "none"
 
-def _run_stack(blocks, hidden, moves: _Moves, train):
-  """Runs Mamba-3D blocks from HWL order; returns ``residual + hidden`` (f32) in LHW order."""
-  residual = None
-  for i, block in enumerate(blocks):
-    hidden, residual = block(hidden, residual, functools.partial(moves, first=i == 0), train=train)
-  return moves.finish(residual) + moves.finish(hidden).astype(jnp.float32)
+  @nn.compact
+  def __call__(self, x: Array, indices: Optional[dict], *, train: bool = False) -> Array:
+    stack = layer_stack(Mamba3DBlock, self.depth, remat=self.remat, num_broadcast=2,
+                        static_broadcast=(1,))
+    blocks = stack(dim=self.dim, cfg=self.cfg, n_layers=6 * self.depth, norm_eps=self.norm_eps,
+                   stochastic_depth=self.drop_path_rate > 0, shape=tuple(self.shape),
+                   name="blocks")
+    # The stream starts as (hidden 0, residual = tokens), so block 0 is like every other.
+    carry = (jnp.zeros(x.shape, self.cfg.dtype), x.astype(jnp.float32))
+    (hidden, residual), _ = blocks(carry, _drop_rates(self.drop_path_rate, self.depth), indices,
+                                   train)
+    return jnp.flip(residual + hidden.astype(jnp.float32), axis=1)
 
 
 class _VolumeModule(nn.Module):
@@ -377,14 +388,15 @@ class EViM3Encoder(_VolumeModule):
 
   dim: int = 192
   depth: int = 6
-  d_state: int = 16
-  d_conv: int = 4
-  expand: int = 2
+  cfg: MambaConfig = MambaConfig()
   drop_path_rate: float = 0.0
   norm_eps: float = 1e-5
   dense_mask_token: bool = False  # the dense baseline: masked tokens become a mask token
-  dtype: Dtype = jnp.float32
-  scan_backend: str = "auto"
+  remat: str = "none"
+
+  @property
+  def dtype(self):
+    return self.cfg.dtype
 
   def setup(self):
     d = self.dim
@@ -402,9 +414,8 @@ class EViM3Encoder(_VolumeModule):
     if self.dense_mask_token:
       self.mask_token = self.param("mask_token", partitioned(
           nn.initializers.truncated_normal(0.02), "embed"), (d,))
-    kw = dict(dim=d, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-              norm_eps=self.norm_eps, dtype=self.dtype, scan_backend=self.scan_backend)
-    self.blocks = _block_stack(self.depth, "blocks", kw, self.drop_path_rate)
+    self.stack = Mamba3DStack(d, self.depth, self.cfg, self.norm_eps, self.drop_path_rate,
+                              self.layout.shape, self.remat)
     self.norm_f = _layer_norm(self.norm_eps, self.dtype, "norm_f")
 
   def token_table(self) -> Array:
@@ -457,10 +468,9 @@ class EViM3Encoder(_VolumeModule):
 
   def encode_full(self, patches: Array, hidden: Optional[Array] = None, *, train: bool = False):
     """Full-volume encoder: ``patches (b, n_real, P)`` -> ``(b, N, dim)`` in LHW order."""
-    shape = self.layout.shape
-    x = self.embed(patches, masking.scan_positions(shape, "hwl"), hidden)
-    x = _run_stack(self.blocks, x.astype(self.dtype), dense_moves(shape), train)
-    return self.norm_f(x)
+    reversed_lhw = np.arange(self.layout.num_positions, dtype=np.int32)[::-1].copy()
+    x = self.embed(patches, reversed_lhw, hidden)
+    return self.norm_f(self.stack(x, None, train=train))
 
   def encode_visible(self, patches: Array, visible: Array, num_visible: int, *,
                      train: bool = False):
@@ -476,8 +486,8 @@ class EViM3Encoder(_VolumeModule):
       LHW positions in the enlarged volume.
     """
     indices, perms = masking.scan_transforms(visible, num_visible, with_inverse=True)
-    x = self.embed(patches, indices["hwl"])
-    x = _run_stack(self.blocks, x.astype(self.dtype), gather_moves(perms, num_visible), train)
+    x = self.embed(patches, jnp.flip(indices["lhw"], axis=1))
+    x = self.stack(x, gather_indices(perms, num_visible), train=train)
     return self.norm_f(x), indices["lhw"]
 
 
@@ -492,15 +502,16 @@ class EViM3Decoder(_VolumeModule):
   dim: int = 192
   depth: int = 2
   out_dim: int = 32  # P pixels per real token
-  d_state: int = 16
-  d_conv: int = 4
-  expand: int = 2
+  cfg: MambaConfig = MambaConfig()
   norm_eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  scan_backend: str = "auto"
+  remat: str = "none"
+
+  @property
+  def dtype(self):
+    return self.cfg.dtype
 
   def setup(self):
-    d = self.dim
+    d, lay = self.dim, self.layout
     self.embed = (nn.Dense(d, dtype=self.dtype, name="embed",
                            kernel_init=partitioned(torch_linear_init(), "embed", None),
                            bias_init=partitioned(nn.initializers.zeros, None))
@@ -508,9 +519,9 @@ class EViM3Decoder(_VolumeModule):
     self.mask_token = self.param("mask_token", partitioned(
         nn.initializers.truncated_normal(0.02), "embed"), (d,))
     self.pos_embed = self._pos_params(d)
-    kw = dict(dim=d, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-              norm_eps=self.norm_eps, dtype=self.dtype, scan_backend=self.scan_backend)
-    self.blocks = _block_stack(self.depth, "blocks", kw, 0.0)
+    if self.depth:
+      self.stack = Mamba3DStack(d, self.depth, self.cfg, self.norm_eps, 0.0, lay.shape,
+                                self.remat)
     self.norm = _layer_norm(self.norm_eps, self.dtype, "norm")
     self.pred = nn.Dense(self.out_dim, dtype=self.dtype, name="pred",
                          kernel_init=partitioned(nn.initializers.xavier_uniform(), "embed", None),
@@ -534,9 +545,8 @@ class EViM3Decoder(_VolumeModule):
     if source is not None:  # back into the volume by a gather: no scatter of features
       y = jnp.take_along_axis(y, jnp.clip(source, 0, y.shape[1] - 1)[..., None], axis=1)
     y = jnp.where(masked[..., None], self.mask_token.astype(jnp.float32), y) + self.pos_table()
-    if self.blocks:  # (depth 0: a per-token decoder)
-      y = reorder(y, lay.shape, "lhw", "hwl")
-      y = _run_stack(self.blocks, y.astype(self.dtype), dense_moves(lay.shape), train)
+    if self.depth:  # (depth 0: a per-token decoder)
+      y = self.stack(jnp.flip(y, axis=1), None, train=train)
     y = self.norm(jnp.take(y, lay.real_positions, axis=1))
     return self.pred(y).astype(jnp.float32)
 
@@ -602,6 +612,36 @@ class EViM3(nn.Module):
   visible_only: bool = True  # False: the dense baseline (masked tokens -> encoder mask token)
   dtype: Dtype = jnp.float32  # compute dtype; parameters and the residual stream stay float32
   scan_backend: str = "auto"
+  chunk_size: int = 64  # of the "associative" scan backend
+  remat: str = "none"  # per scanned Mamba-3D block: "none" | "full" | "dots" (nn/layers.py, ours)
+
+  @property
+  def mamba(self) -> MambaConfig:
+    return MambaConfig(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                       dtype=self.dtype, scan_backend=self.scan_backend,
+                       chunk_size=self.chunk_size)
+
+  # ---- what the trainer asks of a model (see models/registry.py) ------------------------------
+
+  transfer_subtree = "encoder"  # what fine-tuning copies from a pretraining checkpoint
+
+  @property
+  def num_layers(self) -> int:
+    return self.depth
+
+  @property
+  def layer_groups(self) -> dict:
+    """Scanned stacks and the global index of their first block (for layer-wise lr decay):
+    one id per Mamba-3D block."""
+    return {("encoder", "stack", "blocks"): 0}
+
+  def with_pretrain_mask(self, kind: str, ratio: float, **options) -> "EViM3":
+    """This model set up for the masks ``masking.batched_mask`` draws with these settings: the
+    visible-token encoder needs the number of visible tokens as a static shape."""
+    chains = {k: int(options[k]) for k in ("time_chain", "space_chain") if k in options}
+    model = self.clone(mask_kind=kind, mask_ratio=float(ratio), **chains)
+    model.num_masked  # noqa: B018  (raises if the chains do not tile the token grid)
+    return model
 
   # ---- static geometry (usable on an unbound module) ------------------------------------------
 
@@ -650,6 +690,8 @@ class EViM3(nn.Module):
                        f"{self.decoder_depth} >= 0")
     if self.num_outputs < 1:
       raise ValueError(f"EViM3: num_outputs={self.num_outputs} must be >= 1")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"EViM3: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     self.layout  # noqa: B018  (validates the grid)
 
   # ---- modules --------------------------------------------------------------------------------
@@ -657,8 +699,7 @@ class EViM3(nn.Module):
   def setup(self):
     self._check_config()
     geo = dict(grid=self.token_grid, num_registers=self.num_registers, use_egt=self.use_egt)
-    mamba = dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-                 norm_eps=self.norm_eps, dtype=self.dtype, scan_backend=self.scan_backend)
+    mamba = dict(cfg=self.mamba, norm_eps=self.norm_eps, remat=self.remat)
     self.encoder = EViM3Encoder(dim=self.dim, depth=self.depth,
                                 drop_path_rate=self.drop_path_rate,
                                 dense_mask_token=not self.visible_only, **geo, **mamba)

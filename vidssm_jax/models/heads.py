@@ -143,6 +143,20 @@ class BackboneWithHead(nn.Module):
   head: nn.Module
   kind: str
 
+  transfer_subtree = "backbone"
+
+  @property
+  def in_chans(self) -> int:
+    return self.backbone.in_chans
+
+  @property
+  def num_layers(self) -> int:
+    return self.backbone.num_layers
+
+  @property
+  def layer_groups(self) -> dict:
+    return {("backbone",) + k: v for k, v in self.backbone.layer_groups.items()}
+
   def __call__(self, video: Array, *, train: bool = False) -> Array:
     if self.kind == "segmentation":
       _, taps = self.backbone(video, train=train, return_intermediates=True)

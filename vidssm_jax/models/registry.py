@@ -3,6 +3,16 @@
 
 A model module registers its presets with ``@register("name")`` on a function that takes keyword
 overrides and returns an (unbound) ``flax.linen.Module``.
+
+What the trainer asks of a model, so that ``train/`` never names a particular one:
+
+    in_chans                   channels of the input video
+    num_layers, layer_groups   for layer-wise lr decay: the number of blocks, and each scanned
+                               stack's parameter path -> the global index of its first block
+    transfer_subtree           the subtree fine-tuning copies from a pretraining checkpoint
+    with_pretrain_mask(kind, ratio, **options)
+                               (pretraining models) the model set up for the masks the trainer
+                               draws with ``masking.batched_mask``
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vidssm_jax.models.endomamba import check_video, sinusoidal_embedding
 from vidssm_jax.models.registry import register
-from vidssm_jax.nn.layers import DropPath, partitioned
+from vidssm_jax.nn.layers import REMAT_POLICIES, drop_path, layer_stack, partitioned
+from vidssm_jax.nn.video import check_video, sinusoidal_embedding
 
 Array = jax.Array
 Dtype = Any
@@ -33,7 +33,7 @@ def _dense(features, name, dtype, axes, use_bias=True):
                   bias_init=partitioned(nn.initializers.zeros, axes[1]))
 
 
-def _layer_norm(eps, dtype, name):
+def vit_layer_norm(eps, dtype, name):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
                       scale_init=partitioned(nn.initializers.ones, "embed"),
                       bias_init=partitioned(nn.initializers.zeros, "embed"))
@@ -58,26 +58,61 @@ class Attention(nn.Module):
 
 
 class ViTBlock(nn.Module):
+  """Pre-norm transformer block, the body of a scanned stack: ``(x (b, l, dim), drop_rate)``
+  -> ``(x, None)``; ``drop_rate`` is this block's stochastic-depth rate (used in training when
+  ``stochastic_depth``)."""
+
   dim: int
   num_heads: int
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   norm_eps: float = 1e-6
-  drop_path: float = 0.0
+  stochastic_depth: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
-    drop = DropPath(self.drop_path)
-    h = _layer_norm(self.norm_eps, self.dtype, "norm1")(x)
+  def __call__(self, x: Array, drop_rate, train: bool = False):
+    def drop(h):
+      if not (train and self.stochastic_depth):
+        return h
+      return drop_path(self.make_rng("dropout"), h, drop_rate)
+
+    h = vit_layer_norm(self.norm_eps, self.dtype, "norm1")(x)
     h = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.attention_impl,
                   name="attn")(h)
-    x = x + drop(h, deterministic=not train)
-    h = _layer_norm(self.norm_eps, self.dtype, "norm2")(x)
+    x = x + drop(h)
+    h = vit_layer_norm(self.norm_eps, self.dtype, "norm2")(x)
     h = _dense(int(self.dim * self.mlp_ratio), "fc1", self.dtype, ("embed", "mlp"))(h)
     h = _dense(self.dim, "fc2", self.dtype, ("mlp", "embed"))(nn.gelu(h, approximate=False))
-    return x + drop(h, deterministic=not train)
+    return x + drop(h), None
+
+
+class ViTStack(nn.Module):
+  """``depth`` ViT blocks as one scan over stacked parameters (``blocks``, leading ``layers``
+  axis): ``(b, l, dim) -> (b, l, dim)``. Stochastic depth linear from 0 to ``drop_path_rate``."""
+
+  dim: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  norm_eps: float = 1e-6
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    rates = jnp.asarray([self.drop_path_rate * i / max(self.depth - 1, 1)
+                         for i in range(self.depth)], jnp.float32)
+    stack = layer_stack(ViTBlock, self.depth, remat=self.remat, num_broadcast=1,
+                        static_broadcast=(0,))
+    x, _ = stack(self.dim, self.num_heads, self.mlp_ratio, self.qkv_bias, self.norm_eps,
+                 self.drop_path_rate > 0, self.dtype, self.attention_impl,
+                 name="blocks")(x, rates, train)
+    return x
 
 
 class VideoViT(nn.Module):
@@ -96,10 +131,19 @@ class VideoViT(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  remat: str = "none"  # per scanned block: "none" | "full" | "dots" (nn/layers.py)
 
   @property
   def grid_size(self) -> int:
     return self.img_size // self.patch_size
+
+  @property
+  def num_layers(self) -> int:
+    return self.depth
+
+  @property
+  def layer_groups(self) -> dict:
+    return {("stack", "blocks"): 0}
 
   @nn.compact
   def __call__(self, video: Array, *, train: bool = False) -> Array:
@@ -120,11 +164,10 @@ class VideoViT(nn.Module):
     t_out, n = t // tt, g * g
     x = x.reshape(b, t_out * n, self.dim)
     x = x + sinusoidal_embedding(jnp.arange(t_out * n), self.dim).astype(x.dtype)
-    for i in range(self.depth):
-      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = ViTBlock(self.dim, self.num_heads, self.mlp_ratio, self.qkv_bias, self.norm_eps, rate,
-                   self.dtype, self.attention_impl, name=f"blocks_{i}")(x, train=train)
-    x = _layer_norm(self.norm_eps, self.dtype, "norm")(x)
+    x = ViTStack(self.dim, self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias,
+                 self.norm_eps, self.drop_path_rate, self.dtype, self.attention_impl, self.remat,
+                 name="stack")(x, train=train)
+    x = vit_layer_norm(self.norm_eps, self.dtype, "norm")(x)
     return x.reshape(b, t_out, n, self.dim)
 
 

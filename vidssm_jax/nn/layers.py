@@ -1,11 +1,12 @@
-"""Small layers shared by the models: RMSNorm, DropPath and the pre-norm residual block.
+"""Small layers shared by the models: RMSNorm, stochastic depth, norms and the scanned layer stack.
 
 Parameters carry logical axis names (``nn.with_logical_partitioning``); ``train/sharding.py``
 maps them to mesh axes. Names used across the package:
 
     "embed"   model width (dim)           "mlp"     inner width (expand * dim)
     "state"   SSM state size (d_state)    "rank"    dt_rank / low-rank projections
-    "conv"    convolution taps            None      never sharded
+    "conv"    convolution taps            "layers"  the stacked axis of a scanned layer stack
+    None      never sharded
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
 
 
-class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch of an example with probability ``rate``.
+def drop_path(rng, x: Array, rate) -> Array:
+  """Stochastic depth: zeroes the whole branch ``x (b, ...)`` of each example with probability
+  ``rate`` and scales the kept ones by ``1 / (1 - rate)``. ``rate`` may be traced (a scanned
+  layer's own rate); at rate 0 it is the identity."""
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
-  ``(b, ...) -> (b, ...)``; identity when ``deterministic`` or ``rate == 0``. Needs the
-  ``"dropout"`` RNG when active.
-  """
+
+class DropPath(nn.Module):
+  """:func:`drop_path` as a module: identity when ``deterministic`` or ``rate == 0``; needs the
+  ``"dropout"`` RNG when active. ``(b, ...) -> (b, ...)``."""
 
   rate: float = 0.0
 
@@ -57,9 +64,7 @@ class DropPath(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     if deterministic or self.rate == 0.0:
       return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return drop_path(self.make_rng("dropout"), x, self.rate)
 
 
 def make_norm(kind: str, eps: float, dtype=None) -> nn.Module:
@@ -73,49 +78,31 @@ def make_norm(kind: str, eps: float, dtype=None) -> nn.Module:
   raise ValueError(f"norm must be 'rms' or 'layer', got {kind!r}")
 
 
-class ResidualBlock(nn.Module):
-  """Pre-norm residual block around a sequence mixer, as in Mamba / Vision Mamba (SPEC §1).
+# Rematerialisation of a scanned layer (``config.model.remat``): "none" keeps every activation
+# the backward pass needs; "full" keeps only each layer's input and recomputes the layer in the
+# backward pass (least memory, one more forward); "dots" keeps the results of matrix products
+# without batch dimensions (the projections) and recomputes the rest (the scan, norms, gates).
+REMAT_POLICIES = ("none", "full", "dots")
 
-      residual = residual + drop_path(hidden)       (or hidden, for the first block)
-      hidden   = mixer(norm(residual))
 
-  The residual stream is kept in float32 whatever the compute dtype. Call with
-  ``(hidden, residual)`` of shape ``(b, l, dim)`` (``residual=None`` for the first block);
-  returns the new ``(hidden, residual)``. After the last block, the model adds the final
-  ``hidden`` to ``residual`` and applies its final norm.
+def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 0,
+                static_broadcast: tuple = ()):
+  """``nn.scan`` of the module class ``body`` over ``length`` layers with stacked parameters.
 
-  The mixer's streaming methods are forwarded: ``step`` (one token) and ``forward_chunk``
-  (a sequence continuing from a cache), so a block stack can stream.
+  ``body.__call__(self, carry, xs, *broadcast) -> (carry, ys)``: ``xs`` and ``ys`` have a
+  leading ``layers`` axis, the ``num_broadcast`` arguments after ``xs`` are the same for every
+  layer (``static_broadcast`` lists the positions among them that are Python values, e.g. a
+  ``train`` flag, 0-based). Parameters get a leading axis named ``"layers"``; the ``params`` and
+  ``dropout`` RNGs are split per layer. Returns the scanned class (instantiate it with the
+  body's fields).
   """
-
-  mixer: nn.Module
-  norm: str = "rms"
-  norm_eps: float = 1e-5
-  drop_path: float = 0.0
-
-  def setup(self):
-    self.norm_layer = make_norm(self.norm, self.norm_eps)
-    self.drop = DropPath(self.drop_path)
-
-  def _pre(self, hidden, residual, train):
-    if residual is None:
-      residual = hidden.astype(jnp.float32)
-    else:
-      residual = residual + self.drop(hidden, deterministic=not train).astype(jnp.float32)
-    return self.norm_layer(residual), residual
-
-  def __call__(self, hidden: Array, residual: Optional[Array] = None, *, train: bool = False):
-    normed, residual = self._pre(hidden, residual, train)
-    return self.mixer(normed), residual
-
-  def forward_chunk(self, hidden: Array, residual: Optional[Array], cache: dict):
-    """Runs a chunk ``(b, l, dim)`` continuing from ``cache``; returns (hidden, residual, cache)."""
-    normed, residual = self._pre(hidden, residual, False)
-    out, cache = self.mixer.forward_chunk(normed, cache)
-    return out, residual, cache
-
-  def step(self, hidden_t: Array, residual_t: Optional[Array], cache: dict):
-    """One token ``(b, dim)``; returns (hidden_t, residual_t, cache)."""
-    normed, residual_t = self._pre(hidden_t, residual_t, False)
-    out, cache = self.mixer.step(normed, cache)
-    return out, residual_t, cache
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+  if remat != "none":
+    policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    # argnums count self (0), carry (1) and xs (2).
+    body = nn.remat(body, policy=policy, prevent_cse=False,
+                    static_argnums=tuple(3 + i for i in static_broadcast))
+  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})

@@ -12,19 +12,30 @@ Data flow of one direction, for ``x: (b, l, dim)`` and ``D_inner = expand * dim`
 The bidirectional mixer shares ``in_proj`` and ``out_proj``; a second branch with its own
 conv, x_proj, dt_proj, A_log and D runs on the flipped sequence, and the two outputs are summed
 (halved with ``divide_out``) before ``out_proj``.
+
+Every Mamba setting but the width lives in one frozen ``MambaConfig``, built once by a model and
+passed down whole. ``MambaBlock`` is the pre-norm residual block the models stack.
+
+Under a mesh (``jax.sharding.use_abstract_mesh``, as the trainer traces its step) the selective
+scan runs inside ``shard_map``: each device scans its own batch shard (mesh axes ``data``,
+``fsdp``) and channel shard (``tensor``). A fused kernel is a custom call XLA cannot partition;
+without this it would gather its inputs and scan the whole batch on every device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from vidssm_jax.nn.layers import partitioned
+from vidssm_jax.nn.layers import drop_path, make_norm, partitioned
 from vidssm_jax.ops import causal_conv1d, causal_conv1d_step, selective_scan, selective_scan_step
+from vidssm_jax.ops.selective_scan import DEFAULT_CHUNK_SIZE, available_backends
 
 Array = jax.Array
 Dtype = Any
@@ -62,6 +73,70 @@ def a_log_init(key, shape, dtype=jnp.float32):
   return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
 
 
+BATCH_MESH_AXES = ("data", "fsdp")
+CHANNEL_MESH_AXIS = "tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+  """The Mamba settings of a model, passed whole to every mixer (the width comes separately).
+
+  ``d_state`` N, ``d_conv`` conv taps, ``expand`` (D_inner = expand · dim), ``dt_rank`` (None:
+  ceil(dim / 16)), ``dtype`` the compute dtype (parameters and the scan state stay float32),
+  ``scan_backend`` and ``chunk_size`` of ``ops.selective_scan``.
+  """
+
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: Optional[int] = None
+  dtype: Any = jnp.float32
+  scan_backend: str = "auto"
+  chunk_size: int = DEFAULT_CHUNK_SIZE
+
+  def __post_init__(self):
+    check_scan_backend(self.scan_backend)
+    for name in ("d_state", "d_conv", "expand", "chunk_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"MambaConfig: {name} must be a positive int, got {value!r}")
+
+
+def check_scan_backend(name: str) -> None:
+  """Raises a one-line ValueError unless ``name`` is ``"auto"`` or a registered backend."""
+  names = ["auto"] + available_backends()
+  if name not in names:
+    raise ValueError(f"scan_backend {name!r} is not one of {names} (set model.scan_backend)")
+
+
+def _mesh_spec(mesh, size: int, axes) -> Optional[tuple]:
+  """The mesh axes among ``axes`` that exist in ``mesh`` and whose product divides ``size``."""
+  names = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+  total = math.prod(mesh.shape[a] for a in names)
+  return names if names and size % total == 0 else None
+
+
+def sharded_selective_scan(u, delta, A, B, C, D, z, delta_bias, *, initial_state=None, **kwargs):
+  """``ops.selective_scan`` (``return_final_state=True``) on each device's local shard when
+  traced under a mesh, else directly. Shapes as ``selective_scan``; B, C ``(b, l, n)``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  scan = lambda *a: selective_scan(*a[:8], delta_softplus=True, initial_state=a[8],
+                                   return_final_state=True, **kwargs)
+  h0 = initial_state
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return scan(u, delta, A, B, C, D, z, delta_bias, h0)
+  bt = _mesh_spec(mesh, u.shape[0], BATCH_MESH_AXES)
+  ch = _mesh_spec(mesh, u.shape[-1], (CHANNEL_MESH_AXIS,))
+  ch = ch[0] if ch else None
+  seq, vec = P(bt, None, ch), P(ch)
+  if h0 is None:
+    h0 = jnp.zeros(u.shape[:1] + A.shape, jnp.float32)
+  in_specs = (seq, seq, P(ch, None), P(bt, None, None), P(bt, None, None), vec, seq, vec,
+              P(bt, ch, None))
+  return jax.shard_map(scan, mesh=mesh, in_specs=in_specs, out_specs=(seq, P(bt, ch, None)),
+                       check_vma=False)(u, delta, A, B, C, D, z, delta_bias, h0)
+
+
 class SSMBranch(nn.Module):
   """One scan direction: conv1d → silu → x_proj → dt_proj → selective scan (with z gate).
 
@@ -69,22 +144,19 @@ class SSMBranch(nn.Module):
   """
 
   d_inner: int
-  d_state: int = 16
-  d_conv: int = 4
-  dt_rank: int = 1
+  dt_rank: int
+  cfg: MambaConfig = MambaConfig()
   dt_min: float = 1e-3
   dt_max: float = 1e-1
   dt_init_floor: float = 1e-4
-  dtype: Dtype = jnp.float32
-  scan_backend: str = "auto"
 
   def setup(self):
-    d, n, r, k = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+    d, n, r, k = self.d_inner, self.cfg.d_state, self.dt_rank, self.cfg.d_conv
     self.conv_weight = self.param(
         "conv_weight", partitioned(symmetric_uniform(k**-0.5), "conv", "mlp"), (k, d))
     self.conv_bias = self.param(
         "conv_bias", partitioned(symmetric_uniform(k**-0.5), "mlp"), (d,))
-    self.x_proj = nn.Dense(r + 2 * n, use_bias=False, dtype=self.dtype, name="x_proj",
+    self.x_proj = nn.Dense(r + 2 * n, use_bias=False, dtype=self.cfg.dtype, name="x_proj",
                            kernel_init=partitioned(torch_linear_init(), "mlp", None))
     self.dt_proj_kernel = self.param(
         "dt_proj_kernel",
@@ -97,19 +169,19 @@ class SSMBranch(nn.Module):
 
   def _ssm_inputs(self, x):
     """x: (..., D_inner) after the conv -> dt (..., D_inner), B, C (..., N)."""
-    r, n = self.dt_rank, self.d_state
+    r, n = self.dt_rank, self.cfg.d_state
     x_dbl = self.x_proj(x)
     dt, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
-    return dt @ self.dt_proj_kernel.astype(self.dtype), B, C
+    return dt @ self.dt_proj_kernel.astype(self.cfg.dtype), B, C
 
   def __call__(self, x: Array, z: Array, conv_state=None, ssm_state=None):
     """Returns ``(y, (conv_state, ssm_state))`` after the sequence; states may start as None."""
     x, conv_state = causal_conv1d(x, self.conv_weight, self.conv_bias, "silu", initial_state=conv_state,
                                   return_final_state=True)
     dt, B, C = self._ssm_inputs(x)
-    y, ssm_state = selective_scan(
-        x, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, delta_softplus=True,
-        initial_state=ssm_state, return_final_state=True, backend=self.scan_backend)
+    y, ssm_state = sharded_selective_scan(
+        x, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, initial_state=ssm_state,
+        backend=self.cfg.scan_backend, chunk_size=self.cfg.chunk_size)
     return y, (conv_state, ssm_state)
 
   def step(self, x_t: Array, z_t: Array, conv_state: Array, ssm_state: Array):
@@ -126,28 +198,30 @@ class _MixerBase(nn.Module):
   """Shared fields and projections of the two mixers."""
 
   dim: int
-  d_state: int = 16
-  d_conv: int = 4
-  expand: int = 2
-  dt_rank: Optional[int] = None  # default ceil(dim / 16)
+  cfg: MambaConfig = MambaConfig()
   n_layers: int = 1  # out_proj is scaled by 1/sqrt(n_layers) at init (prenorm residual rescale)
-  dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
-  scan_backend: str = "auto"
 
   @property
   def d_inner(self) -> int:
-    return self.expand * self.dim
+    return self.cfg.expand * self.dim
+
+  @property
+  def d_state(self) -> int:
+    return self.cfg.d_state
+
+  @property
+  def d_conv(self) -> int:
+    return self.cfg.d_conv
 
   def _branch(self, name):
-    return SSMBranch(
-        d_inner=self.d_inner, d_state=self.d_state, d_conv=self.d_conv,
-        dt_rank=self.dt_rank or math.ceil(self.dim / 16), dtype=self.dtype,
-        scan_backend=self.scan_backend, name=name)
+    return SSMBranch(d_inner=self.d_inner, dt_rank=self.cfg.dt_rank or math.ceil(self.dim / 16),
+                     cfg=self.cfg, name=name)
 
   def _projections(self):
-    in_proj = nn.Dense(2 * self.d_inner, use_bias=False, dtype=self.dtype, name="in_proj",
+    dtype = self.cfg.dtype
+    in_proj = nn.Dense(2 * self.d_inner, use_bias=False, dtype=dtype, name="in_proj",
                        kernel_init=partitioned(torch_linear_init(), "embed", "mlp"))
-    out_proj = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="out_proj",
+    out_proj = nn.Dense(self.dim, use_bias=False, dtype=dtype, name="out_proj",
                         kernel_init=partitioned(torch_linear_init(self.n_layers**-0.5),
                                                 "mlp", "embed"))
     return in_proj, out_proj
@@ -233,3 +307,61 @@ class BiMambaMixer(_MixerBase):
     if self.divide_out:
       y = y / 2
     return self.out_proj(y)
+
+
+class MambaBlock(nn.Module):
+  """Pre-norm residual block around a Mamba mixer, as in Mamba / Vision Mamba (SPEC §1).
+
+      residual = residual + drop_path(hidden)
+      hidden   = mixer(norm(residual))
+
+  The residual stream is float32 whatever the compute dtype. A stack starts from
+  ``hidden = 0, residual = tokens`` (so every block, the first included, is the same function)
+  and ends with ``norm_f(residual + hidden)``. ``bidirectional`` picks ``BiMambaMixer``;
+  ``norm`` is ``"rms"`` (EndoMamba) or ``"layer"`` (E-ViM³). Parameters: ``norm``, ``mixer``.
+  """
+
+  dim: int
+  cfg: MambaConfig = MambaConfig()
+  n_layers: int = 1
+  bidirectional: bool = False
+  divide_out: bool = False
+  norm: str = "rms"
+  norm_eps: float = 1e-5
+  stochastic_depth: bool = False  # drop_rate is applied in training only when set
+
+  def setup(self):
+    self.norm_layer = make_norm(self.norm, self.norm_eps)
+    if self.bidirectional:
+      self.mixer = BiMambaMixer(dim=self.dim, cfg=self.cfg, n_layers=self.n_layers,
+                                divide_out=self.divide_out)
+    else:
+      self.mixer = MambaMixer(dim=self.dim, cfg=self.cfg, n_layers=self.n_layers)
+
+  def _pre(self, hidden, residual, drop_rate, train):
+    if train and self.stochastic_depth:
+      hidden = drop_path(self.make_rng("dropout"), hidden, drop_rate)
+    residual = residual + hidden.astype(jnp.float32)
+    return self.norm_layer(residual), residual
+
+  def forward(self, hidden: Array, residual: Array, drop_rate=0.0, train: bool = False):
+    """``hidden (b, l, dim)`` in the compute dtype, ``residual (b, l, dim)`` float32 -> the new
+    ``(hidden, residual)``."""
+    normed, residual = self._pre(hidden, residual, drop_rate, train)
+    return self.mixer(normed), residual
+
+  def __call__(self, hidden: Array, residual: Array, *, drop_rate=0.0, train: bool = False):
+    return self.forward(hidden, residual, drop_rate, train)
+
+  def forward_chunk(self, hidden: Array, residual: Array, cache: dict):
+    """A chunk ``(b, l, dim)`` continuing from ``cache`` (causal mixer only); returns
+    ``(hidden, residual, cache)``."""
+    normed, residual = self._pre(hidden, residual, 0.0, False)
+    out, cache = self.mixer.forward_chunk(normed, cache)
+    return out, residual, cache
+
+  def step(self, hidden_t: Array, residual_t: Array, cache: dict):
+    """One token ``(b, dim)``; returns ``(hidden_t, residual_t, cache)``."""
+    normed, residual_t = self._pre(hidden_t, residual_t, 0.0, False)
+    out, cache = self.mixer.step(normed, cache)
+    return out, residual_t, cache

@@ -26,12 +26,14 @@ import optax
 
 from vidssm_jax.data import pipeline, shards
 from vidssm_jax.models import create_model
+from vidssm_jax.nn.layers import REMAT_POLICIES
+from vidssm_jax.nn.mamba import check_scan_backend
 from vidssm_jax.train import finetune as ft
 from vidssm_jax.train import pretrain as pt
 from vidssm_jax.train.checkpoint import Checkpointer
 from vidssm_jax.train.loop import MetricWriter, run_loop
 from vidssm_jax.train.sharding import (batch_sharding, check_batch_size, make_mesh, replicated,
-                                       tree_shardings)
+                                       tree_shardings, under_mesh)
 from vidssm_jax.train.state import TrainState, count_params, create_state, make_optimizer
 
 STAGES = ("pretrain", "finetune", "evaluate")
@@ -55,12 +57,26 @@ def stages_of(config) -> list[str]:
   return stages
 
 
-def build_model(config, stage: str):
+def model_kwargs(config) -> dict:
+  """``config.model`` as ``create_model`` overrides: dtype names resolved, ``scan_backend`` and
+  ``remat`` checked (a bad value is a ConfigError naming the field)."""
   kwargs = dict(config.model)
   if isinstance(kwargs.get("dtype"), str):
     if kwargs["dtype"] not in _DTYPES:
       raise ConfigError(f"model.dtype {kwargs['dtype']!r} is not one of {sorted(_DTYPES)}")
     kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
+  if "scan_backend" in kwargs:
+    try:
+      check_scan_backend(kwargs["scan_backend"])
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if kwargs.get("remat", "none") not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat {kwargs['remat']!r} is not one of {list(REMAT_POLICIES)}")
+  return kwargs
+
+
+def build_model(config, stage: str):
+  kwargs = model_kwargs(config)
   if stage == "pretrain":
     name = config.get("pretrain_model_name") or config.model_name
   else:
@@ -74,13 +90,10 @@ def build_model(config, stage: str):
   except TypeError as e:  # an override naming a field the model does not have
     raise ConfigError(f"model {name!r}: {e}") from None
   mask = config.get("pretrain", {}).get("mask")
-  if mask is not None and hasattr(model, "mask_kind"):
-    # E-ViM³'s visible-token encoder needs the number of visible tokens as a static shape: the
-    # model is told the pretraining mask it will be given.
-    chains = {k: int(mask[k]) for k in ("time_chain", "space_chain") if k in mask}
-    model = model.clone(mask_kind=mask.kind, mask_ratio=float(mask.ratio), **chains)
+  if stage == "pretrain" and mask is not None:
+    options = {k: v for k, v in mask.items() if k not in ("kind", "ratio")}
     try:
-      model.num_masked  # noqa: B018  (a chain that does not tile the token grid)
+      model = model.with_pretrain_mask(mask.kind, float(mask.ratio), **options)
     except ValueError as e:
       raise ConfigError(f"pretrain.mask: {e}") from None
   return model
@@ -120,7 +133,7 @@ def make_iterator(config, split: str, batch_size: int, *, train: bool, seed_offs
 
 
 def init_state(model, init_args, *, method, optim_config, total_steps, mesh, rng, use_ema,
-               layer_decay=None, num_layers=0):
+               layer_decay=None):
   """Sharded train state: params initialised directly into their shardings.
 
   Returns ``(state, state_shardings)``.
@@ -131,7 +144,7 @@ def init_state(model, init_args, *, method, optim_config, total_steps, mesh, rng
   param_sh = tree_shardings(boxed, mesh)
   abstract_params = nn.meta.unbox(boxed)
   tx, _ = make_optimizer(optim_config, abstract_params, total_steps, layer_decay=layer_decay,
-                         num_layers=num_layers)
+                         layer_groups=model.layer_groups, num_layers=model.num_layers)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
                                  param_sh, transform_non_params=lambda _: replicated(mesh))
   shardings = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh,
@@ -142,14 +155,15 @@ def init_state(model, init_args, *, method, optim_config, total_steps, mesh, rng
 
 
 def jit_step(step, shardings, mesh, extra_in=()):
-  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)) + extra_in,
+  return jax.jit(under_mesh(step, mesh),
+                 in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)) + extra_in,
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def example_batch(config, batch_size: int) -> jax.Array:
+def example_batch(config, model, batch_size: int) -> jax.Array:
   d = config.data
-  channels = int(config.model.get("in_chans", 1 if "evim3" in config.model_name else 3))
-  return jnp.zeros((batch_size, d.num_frames, d.image_size, d.image_size, channels), jnp.float32)
+  return jnp.zeros((batch_size, d.num_frames, d.image_size, d.image_size, int(model.in_chans)),
+                   jnp.float32)
 
 
 def check_config(config, stages) -> None:
@@ -180,7 +194,7 @@ def build_teacher(config, mesh, batch_size):
   from ``pretrain.teacher.checkpoint`` (params of a Checkpointer directory) or initialised."""
   t = config.pretrain.teacher
   teacher = create_model(t.name, **dict(t.get("model", {})))
-  video = example_batch(config, batch_size)
+  video = example_batch(config, teacher, batch_size)
   boxed = jax.eval_shape(lambda: teacher.init(jax.random.key(0), video)["params"])
   shardings = tree_shardings(boxed, mesh)
   if t.get("checkpoint"):
@@ -203,7 +217,8 @@ def run_pretrain(config, workdir: str):
   bs = p.batch_size
   grid = pt.token_grid(model)
   mask0 = jnp.zeros((bs,) + grid, bool)
-  state, shardings = init_state(model, (example_batch(config, bs), mask0), method="pretrain_loss",
+  state, shardings = init_state(model, (example_batch(config, model, bs), mask0),
+                                method="pretrain_loss",
                                 optim_config=p.optim, total_steps=p.steps, mesh=mesh, rng=rng,
                                 use_ema=bool(p.ema_decay))
   print(f"pretrain: {config.model_name}, {count_params(state.params):,} parameters, "
@@ -235,8 +250,8 @@ def run_pretrain(config, workdir: str):
   return state, status
 
 
-def _transfer_pretrained(config, workdir, params):
-  """Copies the encoder/backbone subtree of the pretraining checkpoint into ``params``."""
+def _transfer_pretrained(config, workdir, model, params):
+  """Copies the model's ``transfer_subtree`` from the pretraining checkpoint into ``params``."""
   src = config.finetune.init_from
   if not src:
     return params
@@ -250,9 +265,10 @@ def _transfer_pretrained(config, workdir, params):
   pretrained = ckpt.restore_params()
   ckpt.close()
   params = dict(params)
-  copied = [k for k in ("encoder", "backbone") if k in params and k in pretrained]
+  key = model.transfer_subtree
+  copied = [key] if key in params and key in pretrained else []
   if not copied:
-    raise ConfigError(f"pretrained params from {ckpt_dir} have no encoder/backbone subtree")
+    raise ConfigError(f"pretrained params from {ckpt_dir} have no {key!r} subtree")
   for k in copied:
     want = jax.tree.map(lambda x: x.shape, params[k])
     got = jax.tree.map(lambda x: x.shape, pretrained[k])
@@ -267,7 +283,7 @@ def _transfer_pretrained(config, workdir, params):
 
 
 def _eval_fn(config, model, mesh, split: str, use_ema: bool):
-  predict = jax.jit(lambda params, video: model.apply({"params": params}, video))
+  predict = jax.jit(under_mesh(lambda params, video: model.apply({"params": params}, video), mesh))
 
   def evaluate(state) -> dict:
     params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
@@ -286,11 +302,10 @@ def run_finetune(config, workdir: str):
   f = config.finetune
   model = build_model(config, "finetune")
   rng = jax.random.key(config.seed + 1)
-  num_layers = int(config.model.get("depth", 0) or getattr(model, "depth", 0))
   state, shardings = init_state(
-      model, (example_batch(config, f.batch_size),), method=None, optim_config=f.optim,
+      model, (example_batch(config, model, f.batch_size),), method=None, optim_config=f.optim,
       total_steps=f.steps, mesh=mesh, rng=rng, use_ema=bool(f.ema_decay),
-      layer_decay=f.layer_decay or None, num_layers=num_layers)
+      layer_decay=f.layer_decay or None)
   stage_dir = os.path.join(workdir, "finetune")
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=config.checkpoint.keep,
                       best_metric=f.select_metric, best_mode=f.select_mode,
@@ -300,7 +315,7 @@ def run_finetune(config, workdir: str):
     state = ckpt.restore(state, shardings, data_iter)
     print(f"finetune: resumed from step {int(state.step)}")
   else:
-    params = _transfer_pretrained(config, workdir, state.params)
+    params = _transfer_pretrained(config, workdir, model, state.params)
     state = state.replace(params=params, ema_params=(jax.tree.map(jnp.copy, params)
                                                      if state.ema_params is not None else None))
   print(f"finetune: {config.model_name} ({f.task}), {count_params(state.params):,} parameters")
@@ -334,11 +349,13 @@ def run_evaluate(config, workdir: str, state: Optional[TrainState] = None) -> di
   metrics = _eval_fn(config, model, mesh, split, use_ema=False)(
       TrainState(step=None, params=params, opt_state=None, ema_params=None, tx=None))
   result = {f"{split}/{k}": v for k, v in metrics.items()}
-  if f.task == "regression":
+  if f.task in ("regression", "classification"):
     train_labels = shards.read_labels(config.data.dir, "train", f.label_key)
     test_labels = shards.read_labels(config.data.dir, split, f.label_key)
     baseline = ft.mean_baseline(f, train_labels, test_labels)
-    result.update({f"{split}/baseline_mean_{k}": v for k, v in baseline.items()})
+    kind = "mean" if f.task == "regression" else "majority"
+    result.update({f"{split}/baseline_{kind}_{k}": v for k, v in baseline.items()})
+    result[f"{split}/num_videos"] = len(test_labels)
   result["checkpoint"] = which
   with open(os.path.join(workdir, "metrics.json"), "w") as fh:
     json.dump(result, fh, indent=2)

@@ -27,6 +27,7 @@ LOGICAL_RULES = (
     ("state", None),
     ("rank", None),
     ("conv", None),
+    ("layers", None),
 )
 
 
@@ -102,6 +103,17 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(
       lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
       mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def under_mesh(fn, mesh: Mesh):
+  """``fn`` traced under ``mesh`` (``jax.sharding.use_abstract_mesh``), so that the models run
+  their fused kernels on each device's shard (``nn.mamba.sharded_selective_scan``)."""
+
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -63,23 +64,35 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def layer_ids(params, num_layers: int) -> Any:
+def layer_ids(params, layer_groups: dict, num_layers: int) -> Any:
   """Layer index of each parameter for layer-wise lr decay: 0 for embeddings (anything before
-  the blocks), i + 1 for block i (a path component ending in ``_<i>``, e.g. ``blocks_3``), and
-  ``num_layers + 1`` for everything after (final norm, head)."""
+  the blocks), ``offset + i + 1`` for slice ``i`` of a scanned stack (``layer_groups`` maps the
+  stack's path, e.g. ``("backbone", "temporal_blocks")``, to the global index of its first
+  block; its leaves carry a leading ``layers`` axis, so the id is an int array shaped to
+  broadcast against the leaf), and ``num_layers + 1`` for everything after (final norm, head).
+  """
+  groups = {tuple(k): int(v) for k, v in layer_groups.items()}
 
-  def layer_of(path, _):
-    names = _path_names(path)
-    for n in names:
-      m = re.match(r"^(blocks|layers|block|layer)_(\d+)$", n)
-      if m:
-        return int(m.group(2)) + 1
+  def layer_of(path, leaf):
+    names = tuple(_path_names(path))
+    for prefix, offset in groups.items():
+      if names[:len(prefix)] == prefix:
+        ids = offset + 1 + np.arange(leaf.shape[0])
+        return ids.reshape((-1,) + (1,) * (len(leaf.shape) - 1))
     joined = "/".join(names).lower()
     if any(k in joined for k in ("embed", "token", "pos")):
       return 0
     return num_layers + 1
 
   return jax.tree_util.tree_map_with_path(layer_of, params)
+
+
+def layer_decay_scales(params, layer_groups: dict, num_layers: int, decay: float) -> Any:
+  """Per-leaf lr multipliers ``decay ** (num_layers + 1 - layer_id)`` (arrays for stacks)."""
+  if num_layers < 1:
+    raise ValueError(f"layer-wise lr decay needs the model's number of layers, got {num_layers}")
+  ids = layer_ids(params, layer_groups, num_layers)
+  return jax.tree.map(lambda i: np.float32(decay) ** (num_layers + 1 - np.asarray(i)), ids)
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:
@@ -97,8 +110,11 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 
 
 def make_optimizer(opt_config, params, total_steps: int,
-                   layer_decay: Optional[float] = None, num_layers: int = 0):
-  """AdamW from a config with fields lr, warmup_steps, weight_decay, clip_norm, b1, b2, eps.
+                   layer_decay: Optional[float] = None, layer_groups: Optional[dict] = None,
+                   num_layers: int = 0):
+  """AdamW from a config with fields lr, warmup_steps, weight_decay, clip_norm, b1, b2, eps;
+  with ``layer_decay``, layer-wise lr decay over the model's ``layer_groups`` (its scanned
+  stacks) and ``num_layers``.
 
   Returns ``(tx, schedule)``.
   """
@@ -115,9 +131,8 @@ def make_optimizer(opt_config, params, total_steps: int,
                            weight_decay=float(opt_config.weight_decay),
                            mask=decay_mask(params)))
   if layer_decay:
-    ids = layer_ids(params, num_layers)
-    parts.append(scale_by_tree(jax.tree.map(
-        lambda i: float(layer_decay) ** (num_layers + 1 - i), ids)))
+    parts.append(scale_by_tree(layer_decay_scales(params, layer_groups or {}, num_layers,
+                                                  float(layer_decay))))
   return optax.chain(*parts), schedule
 
 
