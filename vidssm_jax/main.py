@@ -62,9 +62,16 @@ def main(argv):
   if result:
     print(json.dumps(result, indent=2))
     split = config.evaluate.split
+    n = result.get(f"{split}/num_videos")
+    on = f" (on {n} {split} videos)" if n else ""
     if f"{split}/mae" in result and f"{split}/baseline_mean_mae" in result:
       print(f"{split} MAE {result[f'{split}/mae']:.2f} vs predict-the-mean baseline "
-            f"{result[f'{split}/baseline_mean_mae']:.2f}")
+            f"{result[f'{split}/baseline_mean_mae']:.2f}{on}")
+    if f"{split}/accuracy" in result and f"{split}/baseline_majority_accuracy" in result:
+      print(f"{split} accuracy {result[f'{split}/accuracy']:.3f}, F1 {result[f'{split}/f1']:.3f} "
+            f"vs majority-class baseline accuracy "
+            f"{result[f'{split}/baseline_majority_accuracy']:.3f}, "
+            f"F1 {result[f'{split}/baseline_majority_f1']:.3f}{on}")
   print(f"done in {time.time() - start:.0f} s; metrics in {_WORKDIR.value}")
 
 

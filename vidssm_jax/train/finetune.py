@@ -119,8 +119,14 @@ def compute_metrics(task_config, preds, labels) -> dict:
 
 
 def mean_baseline(task_config, train_labels, test_labels) -> dict:
-  """Metrics of predicting the training mean (regression) or majority class."""
+  """Metrics of predicting the training mean (regression) or the training split's majority
+  class (classification) for every test video: the score a model has to beat."""
   if task_config.task == "regression":
     mean = float(np.mean(train_labels))
     return compute_metrics(task_config, [mean] * len(test_labels), test_labels)
-  raise ValueError("the mean baseline is defined for regression only")
+  if task_config.task == "classification":
+    counts = np.bincount(np.asarray(train_labels, np.int64).reshape(-1),
+                         minlength=task_config.num_classes)
+    probs = np.eye(task_config.num_classes)[int(np.argmax(counts))]
+    return compute_metrics(task_config, [probs] * len(test_labels), test_labels)
+  raise ValueError("the trivial baseline is defined for regression and classification only")
