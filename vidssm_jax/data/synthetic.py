@@ -26,7 +26,8 @@ tell the EF (the ventricle's size is random): it can only be read by watching a 
 
 Endoscopy: each pixel looks at the wall of a unit-radius tunnel at depth ``f / r`` (r the
 distance to a wandering vanishing point), textured in wall coordinates (haustral folds, vessels,
-mottling) and lit by a light at the camera. Polyps are domes on the wall, placed along the
+mottling) and lit by a light at the camera. Polyps are pale yellow domes on the red wall (large
+enough to be seen in 32 × 32 frames), placed along the
 camera's path so one is in view in every frame of a polyp video. The video is a sequence of
 phases (:data:`PHASES`), each of which changes the scene (motion, tint, an instrument).
 """
@@ -238,7 +239,7 @@ _PHASE_HAZE_RGB = np.array([[0, 0, 0], [0, 0, 0], [0.75, 0.85, 1.0], [0, 0, 0], 
 _PHASE_TOOL = np.array([0, 0, 0, 1, 0, 1, 0], bool)
 _MUCOSA = np.array([0.88, 0.46, 0.38], np.float32)
 _VESSEL = np.array([0.55, 0.12, 0.12], np.float32)
-_POLYP = np.array([0.98, 0.62, 0.50], np.float32)
+_POLYP = np.array([1.0, 0.86, 0.52], np.float32)   # pale yellow: stands out of the red wall
 _TOOL = np.array([0.62, 0.64, 0.68], np.float32)
 _FOCAL = 0.45       # pinhole focal length in half-image units: depth = _FOCAL / r
 _VISIBLE = 4.0      # depth beyond which the light no longer reaches (and masks stop)
@@ -286,7 +287,7 @@ def endoscopy_params(seed: int, index: int, num_frames: int) -> dict:
     zs = np.arange(p["z"].min() + rng.uniform(0.6, 1.2), p["z"].max() + 3.0, 2.0)
     for z in zs:
       polyps.append((z + rng.uniform(-0.3, 0.3), rng.uniform(0, 2 * np.pi),
-                     rng.uniform(0.25, 0.45)))
+                     rng.uniform(0.35, 0.55)))
   p["polyps"] = polyps
   return p
 
