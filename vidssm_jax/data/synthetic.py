@@ -27,9 +27,9 @@ tell the EF (the ventricle's size is random): it can only be read by watching a 
 Endoscopy: each pixel looks at the wall of a unit-radius tunnel at depth ``f / r`` (r the
 distance to a wandering vanishing point), textured in wall coordinates (haustral folds, vessels,
 mottling) and lit by a light at the camera. Polyps are pale yellow domes on the red wall (large
-enough to be seen in 32 × 32 frames), placed along the
-camera's path so one is in view in every frame of a polyp video. The video is a sequence of
-phases (:data:`PHASES`), each of which changes the scene (motion, tint, an instrument).
+enough to be seen in 32 × 32 frames), placed along the camera's path so one is in view in every
+frame of a polyp video. The video is a sequence of phases (:data:`PHASES`), each of which
+changes the scene (motion, tint, an instrument).
 """
 
 from __future__ import annotations
