@@ -97,7 +97,7 @@ config = load_config("endomamba_polypdiag", "synthetic")
 config.data.dir = DATA_DIR
 if DATA != "synthetic":
   config.data.synthetic = ""
-STEPS = 300  # @param {type:"integer"}
+STEPS = 250  # @param {type:"integer"}
 config.finetune.steps = STEPS
 if SMOKE:  # a tiny setting for CI: a few steps on a few clips
   config.data.dir = os.path.join(SMOKE_DIR, "data")

@@ -65,7 +65,7 @@ import vidssm_jax
 DATA_DIR = "/tmp/vidssm_colab_phase"  # @param {type:"string"}
 SYNTHETIC = True  # @param {type:"boolean"}
 VIDEO = ""  # @param {type:"string"}
-STEPS = 200  # @param {type:"integer"}
+STEPS = 250  # @param {type:"integer"}
 SMOKE = os.environ.get("VIDSSM_SMOKE") == "1"
 SMOKE_DIR = os.environ.get("VIDSSM_SMOKE_DIR", "/tmp/vidssm_smoke_stream")  # where the smoke run writes
 REPO_DIR = pathlib.Path(vidssm_jax.__file__).resolve().parents[1]
