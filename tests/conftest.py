@@ -24,3 +24,13 @@ def rel_err(actual, expected) -> float:
 @contextlib.contextmanager
 def no_op():
   yield
+
+
+# Compile time dominates the small programs of the tests on CPU: skip XLA's backend optimisations.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def compiled(fn, *args):
+  """``fn`` jitted and compiled for ``args`` without backend optimisations (tiny test programs
+  run about as fast and compile several times faster)."""
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)

@@ -1,153 +1,223 @@
-"""Pretraining step throughput: EndoMamba-S, E-ViM³ and the ViT-S baseline, side by side.
+"""Pretraining step of each model: compile time, step time, throughput and memory, per remat policy.
 
-    python -m vidssm_jax.bench.train_step                  # GPU: 16 × 224 × 224, bf16
-    python -m vidssm_jax.bench.train_step --small          # CPU smoke run at 8 × 32 × 32
+    python -m vidssm_jax.bench.train_step                 # GPU: the paper shapes, bf16
+    python -m vidssm_jax.bench.train_step --small         # CPU smoke run on tiny models
+    python -m vidssm_jax.bench.train_step --depth-scaling # CPU: compile time against depth
 
-Each row is one full optimizer step (forward, backward, AdamW update), jitted, median of
-repeats after warm-up:
+Rows (one full AdamW step: forward, backward, update, jitted, the mask drawn inside):
 
-- ``endomamba_s``: tube masking at 0.75, visible-token encoder, transformer decoder, plus the
-  frozen ViT-S teacher's forward for L_align (as in pretraining);
-- ``evim3``: STC masking at 0.8, visible-token MAE encoder and Mamba-3D decoder (``--evim3``
-  picks the preset; the default ``evim3_p8`` keeps 8·28·28 tokens at 16 × 224 × 224);
-- ``vit_s``: the video ViT-S on the full clip (VideoMAE-style models see every token of a
-  full clip when not masked), with a regression loss on its features: the dense baseline.
+- ``endomamba_s+teacher``: EndoMamba-S pretraining, 8×16×224², tube mask 0.75, visible-token
+  encoder, transformer decoder, plus the frozen ViT-S teacher's forward for L_align;
+- ``endomamba_s``: the same without the teacher;
+- ``evim3_p4``: E-ViM³-p4, 4×64×112² grey, STC mask 0.8, visible-token encoder and decoder;
+- ``evim3_p8``: E-ViM³-p8 at 8×16×224² RGB;
+- ``vit_s``: the video ViT-S on the full 8×16×224² clip (a regression loss on its features).
 
-Model FLOPs come from XLA's cost analysis of the compiled step; MFU divides the achieved
-FLOP/s by the device's dense bf16 peak (H100 SXM: 989 TFLOP/s datasheet; ``--peak-tflops``).
+Columns: ``init s`` (the jitted init, compiled and run), ``lower s`` and ``compile s`` of the
+step (their sum is the wait before the first step), the median step time, clips/s, and the
+step's device memory from XLA's memory analysis of the compiled program (arguments + outputs +
+temporaries - donated aliases). Each row prints as soon as its model finishes; a model that
+fails prints its error and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+import traceback
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
+from vidssm_jax import masking
 from vidssm_jax.bench.scan import median_ms
 from vidssm_jax.models import create_model
-from vidssm_jax.train.pretrain import draw_mask, token_grid
 from vidssm_jax.train.state import count_params
 
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
+MODELS = ("endomamba_s+teacher", "endomamba_s", "evim3_p4", "evim3_p8", "vit_s")
 
 
-def make_step(loss_fn, params):
+def _shapes(small: bool) -> dict:
+  """Per model: (registry name, create_model overrides, (b, t, size, channels))."""
+  if small:
+    endo = dict(img_size=32, patch_size=8, depth=4, dim=32, num_frames=8)
+    return {
+        "endomamba_s": ("endomamba_tiny_pretrain", endo, (2, 8, 32, 3)),
+        "evim3_p4": ("evim3_tiny", {}, (2, 16, 32, 1)),
+        "evim3_p8": ("evim3_tiny", dict(num_frames=8, patch=8, tubelet=2, in_chans=3,
+                                        time_chain=2, space_chain=2), (2, 8, 32, 3)),
+        "vit_s": ("vit_s", dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=2),
+                  (2, 8, 32, 3)),
+    }
+  return {
+      "endomamba_s": ("endomamba_small_pretrain", dict(num_frames=16), (8, 16, 224, 3)),
+      "evim3_p4": ("evim3_p4", {}, (4, 64, 112, 1)),
+      "evim3_p8": ("evim3_p8", dict(img_size=224, num_frames=16, in_chans=3), (8, 16, 224, 3)),
+      "vit_s": ("vit_s", {}, (8, 16, 224, 3)),
+  }
+
+
+def _loss_fn(name: str, model, teacher, b: int):
+  """``loss(params, teacher_params, video, rng)`` and ``draw(rng)``, the pretraining mask."""
+  if name.startswith("vit"):
+    return lambda p, tp, v, r: jnp.mean(jnp.square(
+        model.apply({"params": p}, v).astype(jnp.float32))), None
+  grid = model.token_grid
+  kind = "tube" if name.startswith("endomamba") else model.mask_kind
+  options = ({} if kind == "tube" else dict(time_chain=model.time_chain,
+                                             space_chain=model.space_chain))
+  ratio = model.mask_ratio
+  draw = lambda r: masking.batched_mask(r, b, grid, ratio, kind=kind, **options)
+
+  def loss(p, tp, v, r):
+    kwargs = {}
+    if teacher is not None:
+      feats = jax.lax.stop_gradient(teacher.apply({"params": tp}, v))
+      kwargs = dict(teacher_features=feats.reshape(b, -1, feats.shape[-1]), alpha=0.25)
+    return model.apply({"params": p}, v, draw(r), method="pretrain_loss", **kwargs)[0]
+
+  return loss, draw
+
+
+def _init(module, *args, **kwargs):
+  """Jitted init; returns (params, seconds)."""
+  start = time.perf_counter()
+  params = jax.jit(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs))
+                   ["params"])()
+  jax.block_until_ready(params)
+  return params, time.perf_counter() - start
+
+
+def _memory_gib(compiled) -> float:
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2**30
+
+
+def bench_row(label: str, remat: str, small: bool, dtype, scan_backend: str, repeats: int):
+  base = label.split("+")[0]
+  registry_name, overrides, (b, t, size, c) = _shapes(small)[base]
+  kw = dict(dtype=dtype, remat=remat, **overrides)
+  if not base.startswith("vit"):
+    kw["scan_backend"] = scan_backend
+  model = create_model(registry_name, **kw)
+  video = jax.random.normal(jax.random.key(0), (b, t, size, size, c), jnp.float32)
+  teacher, teacher_params = None, None
+  if label.endswith("+teacher"):
+    vit_name, vit_kw, _ = _shapes(small)["vit_s"]
+    teacher = create_model(vit_name, dtype=dtype, **vit_kw)
+    teacher_params, _ = _init(teacher, video)
+  loss, draw = _loss_fn(label, model, teacher, b)
+  if base.startswith("vit"):
+    params, init_s = _init(model, video)
+  else:
+    mask = draw(jax.random.key(2))
+    init_kwargs = {}
+    if teacher is not None:
+      feats = jax.eval_shape(lambda: teacher.apply({"params": teacher_params}, video))
+      init_kwargs["teacher_features"] = jnp.zeros((b, feats.size // (b * feats.shape[-1]),
+                                                   feats.shape[-1]), jnp.float32)
+    params, init_s = _init(model, video, mask, method="pretrain_loss", **init_kwargs)
+
   tx = optax.adamw(1e-4, weight_decay=0.05)
 
-  def step(params, opt_state, video, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(params, video, rng)
+  def step(params, opt_state, teacher_params, video, rng):
+    value, grads = jax.value_and_grad(loss)(params, teacher_params, video, rng)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, value
 
-  return jax.jit(step, donate_argnums=(0, 1)), tx.init(params)
-
-
-def bench_model(name, loss_fn, params, video, tokens, peak_tflops, repeats):
-  params = jax.tree.map(jnp.copy, params)  # the step donates its params; the caller keeps its own
-  step, opt_state = make_step(loss_fn, params)
+  opt_state = tx.init(params)
   rng = jax.random.key(1)
-  compiled = step.lower(params, opt_state, video, rng).compile()
-  flops = _flops(compiled)
+  start = time.perf_counter()
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, teacher_params, video,
+                                                       rng)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
   state = [params, opt_state]
 
   def run(video):
-    state[0], state[1], loss = compiled(state[0], state[1], video, rng)
-    return loss
+    state[0], state[1], value = compiled(state[0], state[1], teacher_params, video, rng)
+    return value
 
   ms = median_ms(run, video, warmup=2, repeats=repeats)
-  b = video.shape[0]
-  tflops = flops / (ms * 1e-3) / 1e12
-  return dict(model=name, params=count_params(params), ms=ms, clips=b / (ms * 1e-3),
-              tokens=b * tokens / (ms * 1e-3), tflops=tflops,
-              mfu=tflops / peak_tflops if peak_tflops else float("nan"))
+  return dict(model=label, remat=remat, params=count_params(params), init_s=init_s,
+              lower_s=lower_s, compile_s=compile_s, ms=ms, clips=b / (ms * 1e-3),
+              mem_gib=_memory_gib(compiled), loss=float(run(video)))
+
+
+HEADER = (f"{'model':<22} {'remat':<5} {'params':>11} {'init s':>7} {'lower s':>8} "
+          f"{'compile s':>10} {'to step s':>10} {'step ms':>9} {'clips/s':>8} {'mem GiB':>8}")
+
+
+def print_row(r: dict) -> None:
+  wait = r["init_s"] + r["lower_s"] + r["compile_s"]
+  print(f"{r['model']:<22} {r['remat']:<5} {r['params']:>11,} {r['init_s']:7.1f} "
+        f"{r['lower_s']:8.1f} {r['compile_s']:10.1f} {wait:10.1f} {r['ms']:9.2f} "
+        f"{r['clips']:8.2f} {r['mem_gib']:8.2f}", flush=True)
+
+
+def depth_scaling(depths=(6, 24)) -> None:
+  """Compile time of an EndoMamba gradient against depth (the scanned stacks keep it flat)."""
+  video = jnp.zeros((1, 4, 32, 32, 3), jnp.float32)
+  print(f"{'depth':>5} {'lower s':>8} {'compile s':>10} {'total s':>8}", flush=True)
+  totals = {}
+  for depth in depths:
+    model = create_model("endomamba_tiny", img_size=32, patch_size=8, dim=64, depth=depth,
+                         scan_backend="reference")
+    params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), video))
+                            ["params"])
+    loss = lambda p, v: jnp.mean(model.apply({"params": p}, v).astype(jnp.float32) ** 2)
+    start = time.perf_counter()
+    lowered = jax.jit(jax.grad(loss)).lower(params, video)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lowered.compile()
+    compile_s = time.perf_counter() - start
+    totals[depth] = lower_s + compile_s
+    print(f"{depth:>5} {lower_s:8.2f} {compile_s:10.2f} {totals[depth]:8.2f}", flush=True)
+  print(f"depth {depths[-1]} / depth {depths[0]}: {totals[depths[-1]] / totals[depths[0]]:.2f}x")
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--small", action="store_true", help="tiny models and clips (CPU)")
-  parser.add_argument("--batch", type=int, default=None)
-  parser.add_argument("--evim3", default="evim3_p8")
-  parser.add_argument("--peak-tflops", type=float, default=989.0)
+  parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+  parser.add_argument("--remat", default="none,full", help="comma list of none, full, dots")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--scan-backend", default="auto", help="selective_scan backend of the "
                       "Mamba models (auto: the fused kernel on GPU)")
+  parser.add_argument("--depth-scaling", action="store_true",
+                      help="only time the compile of an EndoMamba gradient at depth 6 and 24")
   args = parser.parse_args(argv)
-
-  if args.small:
-    t, size, b, dtype = 8, 32, args.batch or 2, jnp.float32
-    endo_kw = dict(img_size=32, patch_size=8, depth=4, dim=32, num_frames=t)
-    vit_kw = dict(img_size=32, patch_size=8, dim=32, depth=2, num_heads=2)
-    evim_kw = dict(img_size=32, num_frames=t, in_chans=3, dim=32, depth=1, patch=8, tubelet=2,
-                   time_chain=2, space_chain=2)
-  else:
-    t, size, b, dtype = 16, 224, args.batch or 8, jnp.bfloat16
-    endo_kw, vit_kw, evim_kw = dict(num_frames=t), {}, dict(img_size=224, num_frames=t, in_chans=3)
-  video = jax.random.normal(jax.random.key(0), (b, t, size, size, 3), jnp.float32)
-  rows = []
-
-  # E-ViM³: visible-token MAE pretraining.
-  evim = create_model(args.evim3 if not args.small else "evim3_tiny", dtype=dtype,
-                      scan_backend=args.scan_backend, **evim_kw)
-  # The mask the model was built for (its visible-token count is a static shape).
-  mask_cfg = ml_collections.ConfigDict(dict(kind=evim.mask_kind, ratio=evim.mask_ratio,
-                                            time_chain=evim.time_chain,
-                                            space_chain=evim.space_chain))
-  grid = token_grid(evim)
-  mask = draw_mask(jax.random.key(2), b, grid, mask_cfg)
-  p_evim = nn.meta.unbox(evim.init(jax.random.key(3), video, mask, method="pretrain_loss"))["params"]
-  loss_evim = lambda p, v, r: evim.apply({"params": p}, v, draw_mask(r, b, grid, mask_cfg),
-                                         method="pretrain_loss")[0]
-  n_tokens = grid[0] * grid[1] * grid[2]
-  rows.append(bench_model(f"{args.evim3 if not args.small else 'evim3_tiny'} (mask 0.8)",
-                          loss_evim, p_evim, video, n_tokens, args.peak_tflops, args.repeats))
-
-  # ViT-S teacher / baseline.
-  vit = create_model("vit_s", dtype=dtype, **vit_kw)
-  p_vit = nn.meta.unbox(vit.init(jax.random.key(4), video))["params"]
-  loss_vit = lambda p, v, r: jnp.mean(jnp.square(vit.apply({"params": p}, v).astype(jnp.float32)))
-  feats = jax.eval_shape(lambda: vit.apply({"params": p_vit}, video))
-  vit_tokens = int(feats.size // (feats.shape[0] * feats.shape[-1]))
-  rows.append(bench_model("vit_s (full clip)", loss_vit, p_vit, video, vit_tokens,
-                          args.peak_tflops, args.repeats))
-
-  # EndoMamba-S: tube-masked pretraining with the frozen ViT-S teacher.
-  endo_name = "endomamba_tiny_pretrain" if args.small else "endomamba_small_pretrain"
-  endo = create_model(endo_name, dtype=dtype, scan_backend=args.scan_backend, **endo_kw)
-  tube = ml_collections.ConfigDict(dict(kind="tube", ratio=0.75))
-  egrid = token_grid(endo)
-  emask = draw_mask(jax.random.key(5), b, egrid, tube)
-  teacher_feats = vit.apply({"params": p_vit}, video)
-  teacher_feats = teacher_feats.reshape(b, -1, teacher_feats.shape[-1])
-  p_endo = nn.meta.unbox(endo.init(jax.random.key(6), video, emask, teacher_features=teacher_feats,
-                                   method="pretrain_loss"))["params"]
-
-  def loss_endo(p, v, r):
-    t_feats = jax.lax.stop_gradient(vit.apply({"params": p_vit}, v))
-    t_feats = t_feats.reshape(v.shape[0], -1, t_feats.shape[-1])
-    return endo.apply({"params": p}, v, draw_mask(r, b, egrid, tube), teacher_features=t_feats,
-                      alpha=0.25, method="pretrain_loss")[0]
-
-  rows.append(bench_model(f"{endo_name} (+teacher)", loss_endo, p_endo, video,
-                          egrid[0] * egrid[1] * egrid[2], args.peak_tflops, args.repeats))
-
+  if args.depth_scaling:
+    depth_scaling()
+    return
+  models = [m for m in args.models.split(",") if m]
+  unknown = sorted(set(models) - set(MODELS))
+  if unknown:
+    parser.error(f"unknown model(s) {unknown}; choose from {MODELS}")
+  dtype = jnp.float32 if args.small else jnp.bfloat16
   dev = jax.devices()[0]
-  print(f"device: {dev.device_kind}; jax {jax.__version__}; clip {t}×{size}×{size}×3, batch {b}, "
-        f"compute {jnp.dtype(dtype).name}; MFU against {args.peak_tflops:.0f} TFLOP/s")
-  header = (f"{'model':<34} {'params':>11} {'step ms':>9} {'clips/s':>9} {'tokens/s':>11} "
-            f"{'TFLOP/s':>8} {'MFU':>6}")
-  print(header)
-  print("-" * len(header))
-  for r in rows:
-    print(f"{r['model']:<34} {r['params']:>11,} {r['ms']:9.2f} {r['clips']:9.2f} "
-          f"{r['tokens']:11,.0f} {r['tflops']:8.2f} {100 * r['mfu']:5.1f}%")
+  print(f"device: {dev.device_kind}; jax {jax.__version__}; compute {jnp.dtype(dtype).name}; "
+        f"scan backend {args.scan_backend}", flush=True)
+  print(HEADER, flush=True)
+  print("-" * len(HEADER), flush=True)
+  for remat in args.remat.split(","):
+    for label in models:
+      try:
+        print_row(bench_row(label, remat, args.small, dtype, args.scan_backend, args.repeats))
+      except Exception as e:  # noqa: BLE001  (one failing model must not hide the others)
+        print(f"{label:<22} {remat:<5} failed: {type(e).__name__}: {str(e).splitlines()[0]}",
+              flush=True)
+        traceback.print_exc()
+      jax.clear_caches()
 
 
 if __name__ == "__main__":

@@ -179,9 +179,12 @@ class SSMBranch(nn.Module):
     x, conv_state = causal_conv1d(x, self.conv_weight, self.conv_bias, "silu", initial_state=conv_state,
                                   return_final_state=True)
     dt, B, C = self._ssm_inputs(x)
+    # Initialisation only needs shapes: it never lowers a fused kernel (the parameters do not
+    # depend on the backend, and the unused forward of a jitted init is dead code).
+    backend = "reference" if self.is_initializing() else self.cfg.scan_backend
     y, ssm_state = sharded_selective_scan(
         x, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, initial_state=ssm_state,
-        backend=self.cfg.scan_backend, chunk_size=self.cfg.chunk_size)
+        backend=backend, chunk_size=self.cfg.chunk_size)
     return y, (conv_state, ssm_state)
 
   def step(self, x_t: Array, z_t: Array, conv_state: Array, ssm_state: Array):
