@@ -38,13 +38,15 @@ SCRIPT = textwrap.dedent('''
         params = nn.meta.unbox(boxed)["params"]
         loss = lambda p, v: model.apply({"params": p}, v, *extra, method=model.loss_method)[0]
         value_and_grad = jax.value_and_grad(loss)
-        ref_loss, ref_grads = jax.jit(value_and_grad)(params, video)
+        fast = {"xla_backend_optimization_level": 0}
+        ref_loss, ref_grads = jax.jit(value_and_grad).lower(params, video).compile(fast)(
+            params, video)
         mesh = make_mesh(mesh_cfg)
         shardings = tree_shardings(jax.eval_shape(init)["params"], mesh)
-        sharded = jax.jit(under_mesh(value_and_grad, mesh),
-                          in_shardings=(shardings, batch_sharding(mesh)))
         p = jax.device_put(params, shardings)
         v = jax.device_put(video, batch_sharding(mesh))
+        sharded = jax.jit(under_mesh(value_and_grad, mesh),
+                          in_shardings=(shardings, batch_sharding(mesh))).lower(p, v).compile(fast)
         got_loss, got_grads = sharded(p, v)
         err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)))
@@ -57,23 +59,24 @@ SCRIPT = textwrap.dedent('''
         assert err <= 1e-4, err
         assert inside > 0 and outside == 0, (inside, outside)
 
+    # No enclosure (short sequences: the kernel runs in interpret mode); the sharding does not
+    # depend on it.
     evim = create_model("evim3_tiny", img_size=16, num_frames=4, patch=4, tubelet=2, dim=16,
                         depth=1, decoder_depth=1, decoder_dim=16, d_state=4, mask_ratio=0.5,
-                        time_chain=2, space_chain=2, scan_backend="pallas")
+                        time_chain=2, space_chain=2, use_egt=False, pool="mean",
+                        scan_backend="pallas")
     object.__setattr__(evim, "loss_method", "pretrain_loss")
     video = jax.random.normal(jax.random.key(1), (8, 4, 16, 16, 1))
     mask = masking.batched_mask(jax.random.key(2), 8, evim.token_grid, 0.5, kind="stc",
                                 time_chain=2, space_chain=2)
-    check("evim3", evim, video, (mask,), dict(data=4, fsdp=2, tensor=1))
     check("evim3", evim, video, (mask,), dict(data=2, fsdp=2, tensor=2))
 
     endo = create_model("endomamba_tiny", img_size=16, patch_size=8, dim=16, depth=2,
                         scan_backend="pallas")
-    object.__setattr__(endo, "loss_method", "__call__")
     mean_sq = lambda mod, v: (jnp.mean(mod(v).astype(jnp.float32) ** 2), None)
     object.__setattr__(endo, "loss_method", mean_sq)
     check("endomamba", endo, jax.random.normal(jax.random.key(3), (8, 3, 16, 16, 3)), (),
-          dict(data=8, fsdp=1, tensor=1))
+          dict(data=4, fsdp=2, tensor=1))
     print("OK")
 ''')
 
@@ -86,4 +89,4 @@ def test_fused_scan_runs_on_local_shards_and_matches_one_device():
   print(proc.stdout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert proc.stdout.strip().endswith("OK")
-  assert proc.stdout.count("inside/outside shard_map") == 3
+  assert proc.stdout.count("inside/outside shard_map") == 2

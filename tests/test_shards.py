@@ -239,8 +239,9 @@ def test_index_json_records_what_a_model_needs(tmp_path):
   assert index["labels"]["phase"]["num_classes"] == synthetic.NUM_PHASES
   assert index["labels"]["mask"]["per"] == "pixel"
   assert all(len(s["sha256"]) == 64 for s in index["splits"]["train"]["shards"])
-  from vidssm_jax.models.endomamba import IMAGENET_MEAN, IMAGENET_STD
+  from vidssm_jax.nn.video import IMAGENET_MEAN, IMAGENET_STD
   assert shards.IMAGENET_MEAN == IMAGENET_MEAN and shards.IMAGENET_STD == IMAGENET_STD
+
 
 # ------------------------------------------------------------------------------------------
 # ensure_synthetic: where a synthetic preset may write

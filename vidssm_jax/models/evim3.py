@@ -363,7 +363,7 @@ class Mamba3DBlock(nn.Module):
   @nn.compact
   def __call__(self, carry, rates, moves, train: bool):
     layers = layer_stack(Mamba3DLayer, len(LAYER_ORDERS), num_broadcast=1,
-                         static_broadcast=(0,))(
+                         static_broadcast=(0,), axis_name="sublayers")(
         dim=self.dim, cfg=self.cfg, n_layers=self.n_layers, norm="layer",
         norm_eps=self.norm_eps, stochastic_depth=self.stochastic_depth, name="layers")
     carry, _ = layers(carry, (rates,) + tuple(moves), train)

@@ -6,6 +6,7 @@ maps them to mesh axes. Names used across the package:
     "embed"   model width (dim)           "mlp"     inner width (expand * dim)
     "state"   SSM state size (d_state)    "rank"    dt_rank / low-rank projections
     "conv"    convolution taps            "layers"  the stacked axis of a scanned layer stack
+    "sublayers"  the stacked axis of a stack inside a scanned layer
     None      never sharded
 """
 
@@ -86,7 +87,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 
 
 def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 0,
-                static_broadcast: tuple = ()):
+                static_broadcast: tuple = (), axis_name: str = "layers"):
   """``nn.scan`` of the module class ``body`` over ``length`` layers with stacked parameters.
 
   ``body.__call__(self, carry, xs, *broadcast) -> (carry, ys)``: ``xs`` and ``ys`` have a
@@ -105,4 +106,4 @@ def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 
                     static_argnums=tuple(3 + i for i in static_broadcast))
   return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+                 metadata_params={nn.PARTITION_NAME: axis_name})

@@ -28,6 +28,7 @@ LOGICAL_RULES = (
     ("rank", None),
     ("conv", None),
     ("layers", None),
+    ("sublayers", None),
 )
 
 
