@@ -62,8 +62,9 @@ def data_dir(tmp_path_factory):
 
 
 def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
+  # The fused backend (Pallas, interpret mode on CPU) under shard_map on 8 devices.
   args = [f"--config={EVIM3}:demo", f"--config.data.dir={data_dir}", "--mode=pretrain",
-          "--config.pretrain.steps=5"] + TINY
+          "--config.pretrain.steps=5", "--config.model.scan_backend=pallas"] + TINY
   run_main(args + ["--config.mesh.data=1"], tmp_path / "one", devices=1)
   run_main(args + ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path / "eight", devices=8)
   one, eight = losses(tmp_path / "one" / "pretrain"), losses(tmp_path / "eight" / "pretrain")
@@ -74,8 +75,10 @@ def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
 
 
 def test_resume_after_sigkill_repeats_the_same_losses(data_dir, tmp_path):
+  # Also: the scan backend and remat chosen on the command line.
   args = [f"--config={EVIM3}:demo", f"--config.data.dir={data_dir}", "--mode=pretrain",
-          "--config.pretrain.steps=8", "--config.checkpoint.every=3"] + TINY
+          "--config.pretrain.steps=8", "--config.checkpoint.every=3",
+          "--config.model.scan_backend=associative", "--config.model.remat=full"] + TINY
   run_main(args, tmp_path / "straight")
   straight = losses(tmp_path / "straight" / "pretrain")
 
@@ -143,6 +146,8 @@ def test_stream_mode_writes_per_frame_predictions_of_the_finetuned_model(tmp_pat
     (["--config.finetune.task=dance"], "unknown fine-tuning task 'dance'"),
     (["--config.pretrain.batch_size=7", "--config.mesh.data=2"], "pretrain.batch_size = 7 is not divisible"),
     (["--config.data.synthetic=", "--config.data.dir=/nonexistent/shards"], "data.dir '/nonexistent/shards' does not exist"),
+    (["--config.model.scan_backend=fastest"], "scan_backend 'fastest' is not one of"),
+    (["--config.model.remat=some"], "model.remat 'some' is not one of"),
 ])
 def test_bad_config_is_one_clear_line_and_writes_nothing(override, message, tmp_path):
   workdir = tmp_path / "w"
@@ -162,32 +167,82 @@ def test_unknown_config_field_is_rejected(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_weight_decay_mask_and_layer_ids():
-  from vidssm_jax.train.state import decay_mask, layer_ids
-  params = {
-      "encoder": {
-          "patch_embed": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)},
-          "pos_embed_l": np.zeros((4, 3)),
-          "blocks_0": {"layers_0": {"norm": {"scale": np.zeros(3)},
-                                    "mixer": {"in_proj": {"kernel": np.zeros((3, 6))},
-                                              "ssm": {"A_log": np.zeros((3, 2)), "D": np.zeros(3),
-                                                      "dt_bias": np.zeros(3),
-                                                      "conv_weight": np.zeros((4, 3))}}}},
-          "blocks_1": {"x": {"kernel": np.zeros((3, 3))}},
-          "norm_f": {"scale": np.zeros(3)},
-      },
-      "head": {"kernel": np.zeros((3, 1)), "bias": np.zeros(1)},
-  }
-  mask = decay_mask(params)
-  enc = mask["encoder"]
-  assert enc["patch_embed"]["kernel"] and not enc["patch_embed"]["bias"]
-  assert not enc["pos_embed_l"]
-  ssm = enc["blocks_0"]["layers_0"]["mixer"]["ssm"]
-  assert not ssm["A_log"] and not ssm["D"] and not ssm["dt_bias"] and ssm["conv_weight"]
-  assert not enc["blocks_0"]["layers_0"]["norm"]["scale"] and not enc["norm_f"]["scale"]
-  assert enc["blocks_0"]["layers_0"]["mixer"]["in_proj"]["kernel"] and mask["head"]["kernel"]
-  ids = layer_ids(params, num_layers=2)
-  assert ids["encoder"]["patch_embed"]["kernel"] == 0
-  assert ids["encoder"]["blocks_0"]["layers_0"]["mixer"]["in_proj"]["kernel"] == 1
-  assert ids["encoder"]["blocks_1"]["x"]["kernel"] == 2
-  assert ids["head"]["kernel"] == 3
+def test_layer_decay_on_the_real_endomamba_tree_with_a_head():
+  """The fine-tuning model of configs/endomamba_polypdiag.py (EndoMamba + clip head, stacked
+  spatial and temporal blocks): block i gets decay**(depth - i), embeddings decay**(depth + 1),
+  the head 1; through the optimizer, on the real parameter tree."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from ml_collections import config_flags  # noqa: F401  (configs load as files)
+  import importlib.util
+  from vidssm_jax.train import experiment
+  from vidssm_jax.train.state import decay_mask, layer_decay_scales, make_optimizer
+
+  spec = importlib.util.spec_from_file_location(
+      "polyp", os.path.join(REPO, "configs", "endomamba_polypdiag.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("")
+  config.finetune.layer_decay = 0.75
+  model = experiment.build_model(config, "finetune")
+  assert model.num_layers == 24 and model.layer_groups == {
+      ("backbone", "spatial_blocks"): 0, ("backbone", "temporal_blocks"): 12}
+  video = jax.ShapeDtypeStruct((1, 2, 224, 224, 3), jnp.float32)
+  params = nn.meta.unbox(jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video))
+  params = params["params"]
+  scales = layer_decay_scales(params, model.layer_groups, model.num_layers, 0.75)
+  bb = scales["backbone"]
+  spatial = np.asarray(bb["spatial_blocks"]["mixer"]["in_proj"]["kernel"]).ravel()
+  temporal = np.asarray(bb["temporal_blocks"]["mixer"]["ssm"]["A_log"]).ravel()
+  np.testing.assert_allclose(np.concatenate([spatial, temporal]),
+                             0.75 ** (24 - np.arange(24)), rtol=1e-6)
+  assert float(bb["patch_embed"]["kernel"]) == np.float32(0.75) ** 25
+  assert float(bb["pos_embed"]) == np.float32(0.75) ** 25
+  assert float(bb["norm_f"]["scale"]) == 1.0 and float(scales["head"]["fc"]["kernel"]) == 1.0
+  mults = [float(np.max(x)) for x in jax.tree.leaves(scales)]
+  assert max(mults) == 1.0  # nothing gets more than the base learning rate
+
+  # Through the optimizer: Adam's first update is ±lr per element whatever the gradient, so the
+  # update of block i over the head's is its multiplier.
+  optim = config.finetune.optim
+  optim.update(dict(weight_decay=0.0, warmup_steps=0))
+  small = jax.tree.map(lambda x: jnp.ones((x.shape[0],) + (1,) * (len(x.shape) - 1)),
+                       params)  # one element per stacked slice keeps it cheap
+  tx, _ = make_optimizer(optim, small, total_steps=10, layer_decay=0.75,
+                         layer_groups=model.layer_groups, num_layers=model.num_layers)
+  updates, _ = tx.update(small, tx.init(small), small)
+  head = abs(float(updates["head"]["fc"]["kernel"].ravel()[0]))
+  got = np.abs(np.asarray(updates["backbone"]["temporal_blocks"]["mixer"]["in_proj"]["kernel"]))
+  np.testing.assert_allclose(got.ravel() / head, 0.75 ** (12 - np.arange(12)), rtol=1e-5)
+  # The weight-decay mask follows the stacked layout too.
+  mask = decay_mask(params)["backbone"]
+  assert mask["temporal_blocks"]["mixer"]["in_proj"]["kernel"]
+  assert not mask["temporal_blocks"]["mixer"]["ssm"]["A_log"]
+  assert not mask["spatial_blocks"]["norm"]["scale"]
+
+
+def test_scan_backend_and_remat_come_from_the_config():
+  """Every config declares model.scan_backend / chunk_size / remat, so the CLI override parses,
+  reaches the model, and a bad value is a ConfigError naming the field."""
+  import importlib.util
+  from vidssm_jax.train import experiment
+  for name in ("evim3.py", "endomamba.py", "endomamba_polypdiag.py", "endomamba_cvc.py",
+               "endomamba_cholec80.py", "evim3_ef.py"):
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("")
+    assert {"scan_backend", "chunk_size", "remat"} <= set(config.model), name
+    config.model.scan_backend = "associative"
+    config.model.chunk_size = 16
+    config.model.remat = "full"
+    model = experiment.build_model(config, "finetune")
+    mamba = getattr(model, "backbone", model).mamba
+    assert (mamba.scan_backend, mamba.chunk_size) == ("associative", 16), name
+    config.model.scan_backend = "fastest"
+    with pytest.raises(experiment.ConfigError, match="scan_backend 'fastest' is not one of"):
+      experiment.build_model(config, "finetune")
+    config.model.scan_backend = "auto"
+    config.model.remat = "some"
+    with pytest.raises(experiment.ConfigError, match="model.remat 'some' is not one of"):
+      experiment.build_model(config, "finetune")
