@@ -63,17 +63,18 @@ def init_params(model, video, mask, key):
   for part, depth in (("encoder", model.depth), ("decoder", model.decoder_depth)):
     if not depth:
       continue
-    per_layer = [[init_layer(jax.random.fold_in(key, hash((part, i, j)) % 2**31))
-                  for j in range(6)] for i in range(depth)]
-    stack = lambda *a: jnp.stack(a)
-    layers = jax.tree.map(stack, *[jax.tree.map(stack, *row) for row in per_layer])
-    params[part]["stack"] = {"blocks": {"layers": layers}}  # (depth, 6, ...) leaves
+    layers = {}
+    for j in range(6):
+      per_block = [init_layer(jax.random.fold_in(key, hash((part, i, j)) % 2**31))
+                   for i in range(depth)]
+      layers[f"layers_{j}"] = jax.tree.map(lambda *a: jnp.stack(a), *per_block)
+    params[part]["stack"] = {"blocks": layers}
   return params
 
 
 def block_params(params, part, i, j):
-  """Layer ``j`` of Mamba-3D block ``i``: slice ``[i, j]`` of the stacked parameters."""
-  return jax.tree.map(lambda a: a[i, j], params[part]["stack"]["blocks"]["layers"])
+  """Layer ``j`` of Mamba-3D block ``i``: slice ``i`` of the stacked parameters."""
+  return jax.tree.map(lambda a: a[i], params[part]["stack"]["blocks"][f"layers_{j}"])
 
 
 @pytest.fixture(scope="module")
@@ -318,24 +319,22 @@ def test_parameter_trees_follow_the_trainer_contract(tiny):
   assert set(enc) == {"patch_embed", "face_tokens", "edge_tokens", "corner_tokens",
                       "register_token", "pos_embed_l", "pos_embed_h", "pos_embed_w", "stack",
                       "norm_f"}
-  # One scan over the Mamba-3D blocks, a scan over their six layers inside: leaves are
-  # (depth, 6, ...).
-  layers = enc["stack"]["blocks"]["layers"]
-  assert set(layers) == {"norm", "mixer"}
+  blocks = enc["stack"]["blocks"]  # one scan over the Mamba-3D blocks: leading axis = depth
+  assert set(blocks) == {f"layers_{j}" for j in range(6)}
   assert enc["pos_embed_l"].shape == (5, D) and enc["face_tokens"].shape == (6, D)
-  assert layers["norm"]["scale"].shape == (2, 6, D)  # LayerNorm: scale + bias
+  assert blocks["layers_3"]["norm"]["scale"].shape == (2, D)  # LayerNorm: scale + bias
   decay = decay_mask(fine["params"])["encoder"]
-  dlayers = decay["stack"]["blocks"]["layers"]
-  assert dlayers["mixer"]["in_proj"]["kernel"]
+  dblocks = decay["stack"]["blocks"]
+  assert dblocks["layers_0"]["mixer"]["in_proj"]["kernel"]
   assert decay["patch_embed"]["kernel"]
   assert not any([decay["face_tokens"], decay["register_token"], decay["pos_embed_w"],
-                  dlayers["mixer"]["ssm"]["A_log"], dlayers["norm"]["scale"],
-                  decay["norm_f"]["bias"]])
+                  dblocks["layers_0"]["mixer"]["ssm"]["A_log"],
+                  dblocks["layers_0"]["norm"]["scale"], decay["norm_f"]["bias"]])
   ids = layer_ids(fine["params"], model.layer_groups, num_layers=model.depth)
   assert ids["encoder"]["pos_embed_l"] == 0 and ids["encoder"]["edge_tokens"] == 0
   np.testing.assert_array_equal(
-      ids["encoder"]["stack"]["blocks"]["layers"]["mixer"]["in_proj"]["kernel"],
-      np.array([1, 2]).reshape(2, 1, 1, 1))
+      ids["encoder"]["stack"]["blocks"]["layers_5"]["mixer"]["in_proj"]["kernel"],
+      np.array([1, 2]).reshape(2, 1, 1))
   assert ids["head"]["fc"]["kernel"] == 3
   assert pt.token_grid(model) == (2, 4, 4)
 
@@ -383,8 +382,8 @@ def test_presets():
   tree = jax.eval_shape(lambda v: p4.init(jax.random.key(0), v), video)["params"]
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(t)))
   print(f"evim3_p4: encoder {count(tree['encoder']):,}, head {count(tree['head']):,} parameters")
-  layers = nn.meta.unbox(tree["encoder"]["stack"]["blocks"]["layers"])
-  assert layers["mixer"]["in_proj"]["kernel"].shape == (6, 6, 192, 768)
+  blocks = nn.meta.unbox(tree["encoder"]["stack"]["blocks"])
+  assert blocks["layers_0"]["mixer"]["in_proj"]["kernel"].shape == (6, 192, 768)
   assert count(tree["encoder"]) > 1e6
   p8 = create_model("evim3_p8")
   assert p8.token_grid == (32, 14, 14) and p8.num_masked == int(0.8 * 16 * 7 * 7) * 8

@@ -147,8 +147,8 @@ def test_evim3_full_volume_scan_equals_the_layer_loop():
   video = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 1))
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), video))["params"]
   enc = params["encoder"]
-  layers = enc["stack"]["blocks"]["layers"]
-  assert layers["mixer"]["in_proj"]["kernel"].shape[:2] == (2, 6)
+  blocks = enc["stack"]["blocks"]
+  assert blocks["layers_0"]["mixer"]["in_proj"]["kernel"].shape[0] == 2
   shape = model.layout.shape
   mamba = MambaBlock(dim=8, cfg=model.mamba, n_layers=12, norm="layer")
 
@@ -163,7 +163,7 @@ def test_evim3_full_volume_scan_equals_the_layer_loop():
         if hidden is not None:
           hidden, residual = moves(hidden, j), moves(residual, j)
         h = jnp.zeros_like(residual) if hidden is None else hidden
-        lp = jax.tree.map(lambda a: a[i, j], p["encoder"]["stack"]["blocks"]["layers"])
+        lp = layer(p["encoder"]["stack"]["blocks"][f"layers_{j}"], i)
         hidden, residual = mamba.apply({"params": lp}, h, residual)
     out = moves.finish(residual + hidden)
     return nn.LayerNorm(epsilon=1e-5).apply({"params": p["encoder"]["norm_f"]}, out)
@@ -201,7 +201,7 @@ def test_vit_scan_equals_the_block_loop():
 # ---- bf16 training steps (the paper's compute dtype) -------------------------------------------
 
 
-def _train_steps(model, params, step_fn, batch, steps=3):
+def _train_steps(model, params, step_fn, batch, steps=2):
   optim = ml_collections.ConfigDict(dict(lr=2e-3, warmup_steps=0, weight_decay=0.05,
                                          clip_norm=1.0))
   tx, _ = make_optimizer(optim, params, total_steps=10)

@@ -62,9 +62,9 @@ def data_dir(tmp_path_factory):
 
 
 def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
-  # The fused backend (Pallas, interpret mode on CPU) under shard_map on 8 devices.
+  # (tests/test_sharded_scan.py checks the same with the fused Pallas backend under shard_map.)
   args = [f"--config={EVIM3}:demo", f"--config.data.dir={data_dir}", "--mode=pretrain",
-          "--config.pretrain.steps=5", "--config.model.scan_backend=pallas"] + TINY
+          "--config.pretrain.steps=5"] + TINY
   run_main(args + ["--config.mesh.data=1"], tmp_path / "one", devices=1)
   run_main(args + ["--config.mesh.data=4", "--config.mesh.fsdp=2"], tmp_path / "eight", devices=8)
   one, eight = losses(tmp_path / "one" / "pretrain"), losses(tmp_path / "eight" / "pretrain")

@@ -283,35 +283,6 @@ def gather_moves(indices: dict) -> _Moves:
   return _Moves(lambda x, src, dst: permute_tokens(x, *indices[f"{src}->{dst}"]))
 
 
-def dense_layer_moves(shape, batch: int):
-  """The six moves of a block over the full volume as gathers: ``(index, inverse)``, each int32
-  ``(6, batch, N)``; layer ``j`` reads ``x[:, index[j]]`` (what :func:`dense_moves` does)."""
-  n = int(np.prod(shape))
-  index = []
-  for j in range(len(LAYER_ORDERS)):
-    ids = np.arange(n)[None, ::-1, None]  # entering in reversed order
-    if j % 2 == 0:
-      ids = reorder(ids, shape, *_Moves._CHANGE[j])
-    index.append(ids[0, :, 0])
-  index = np.stack(index).astype(np.int32)
-  inverse = np.argsort(index, axis=-1).astype(np.int32)
-  tile = lambda a: jnp.broadcast_to(jnp.asarray(a)[:, None], (6, batch, n))
-  return tile(index), tile(inverse)
-
-
-def visible_layer_moves(indices: dict):
-  """The six moves of a block over the visible tokens as gathers, from :func:`gather_indices`:
-  ``(index, inverse)``, each int32 ``(6, b, V)``."""
-  some = next(iter(indices.values()))[0]
-  flip = jnp.broadcast_to(jnp.arange(some.shape[1] - 1, -1, -1, dtype=some.dtype), some.shape)
-  index, inverse = [], []
-  for j in range(len(LAYER_ORDERS)):
-    idx, inv = (flip, flip) if j % 2 else indices["{}->{}".format(*_Moves._CHANGE[j])]
-    index.append(idx)
-    inverse.append(inv)
-  return jnp.stack(index), jnp.stack(inverse)
-
-
 # ---- modules ----------------------------------------------------------------------------------
 
 
@@ -328,30 +299,14 @@ def _drop_rates(rate: float, n_blocks: int) -> Array:
   return jnp.asarray([rate * i / max(n - 1, 1) for i in range(n)], jnp.float32).reshape(-1, 6)
 
 
-class Mamba3DLayer(MambaBlock):
-  """One Mamba layer of a Mamba-3D block (the body of the block's scan over its six layers):
-  moves the tokens into its scan order, then a pre-norm residual Mamba layer (LayerNorm).
-  ``carry = (hidden, residual)``; ``xs = (drop_rate, index, inverse)`` with ``index (b, l)`` the
-  gather into this layer's order (``inverse`` its inverse, for the gradient)."""
-
-  def __call__(self, carry, xs, train: bool):
-    hidden, residual = carry
-    rate, index, inverse = xs
-    hidden, residual = permute_tokens(hidden, index, inverse), permute_tokens(residual, index,
-                                                                              inverse)
-    return self.forward(hidden, residual, rate, train), None
-
-
 class Mamba3DBlock(nn.Module):
   """One Mamba-3D block, the body of a scanned stack: six unidirectional pre-norm residual
-  Mamba layers (LayerNorm, float32 residual) scanning HWL, reversed HWL, LWH, reversed LWH, LHW,
-  reversed LHW. The six are one scan too (``layers``, stacked): they differ only in the gather
-  that moves the tokens into their order, which is data (``moves``), so the fused kernel is
-  lowered once per stack, not once per layer.
+  Mamba layers (LayerNorm, float32 residual), ``layers_0..5``, scanning HWL, reversed HWL, LWH,
+  reversed LWH, LHW, reversed LHW, with the tokens moved between them.
 
   ``carry = (hidden (b, l, dim), residual (b, l, dim) float32)``, entering and leaving in
-  reversed LHW order; ``xs``: the six layers' stochastic-depth rates; ``moves``: ``(index,
-  inverse)``, each ``(6, b, l)`` (:func:`dense_layer_moves`, :func:`visible_layer_moves`).
+  reversed LHW order; ``xs``: the six layers' stochastic-depth rates; ``indices``: the visible
+  tokens' gathers (:func:`gather_indices`), or None for the full volume of ``shape``.
   """
 
   dim: int
@@ -359,22 +314,25 @@ class Mamba3DBlock(nn.Module):
   n_layers: int = 6  # layers in the whole stack (out_proj init scale)
   norm_eps: float = 1e-5
   stochastic_depth: bool = False
+  shape: tuple = ()  # the enlarged volume (L+, H+, W+)
 
   @nn.compact
-  def __call__(self, carry, rates, moves, train: bool):
-    layers = layer_stack(Mamba3DLayer, len(LAYER_ORDERS), num_broadcast=1,
-                         static_broadcast=(0,), axis_name="sublayers")(
-        dim=self.dim, cfg=self.cfg, n_layers=self.n_layers, norm="layer",
-        norm_eps=self.norm_eps, stochastic_depth=self.stochastic_depth, name="layers")
-    carry, _ = layers(carry, (rates,) + tuple(moves), train)
-    return carry, None
+  def __call__(self, carry, rates, indices, train: bool):
+    hidden, residual = carry
+    move = dense_moves(self.shape) if indices is None else gather_moves(indices)
+    for j in range(len(LAYER_ORDERS)):
+      hidden, residual = move(hidden, j), move(residual, j)
+      layer = MambaBlock(dim=self.dim, cfg=self.cfg, n_layers=self.n_layers, norm="layer",
+                         norm_eps=self.norm_eps, stochastic_depth=self.stochastic_depth,
+                         name=f"layers_{j}")
+      hidden, residual = layer(hidden, residual, drop_rate=rates[j], train=train)
+    return (hidden, residual), None
 
 
 class Mamba3DStack(nn.Module):
   """``depth`` Mamba-3D blocks as one scan over stacked parameters (``blocks``, leading
-  ``layers`` axis; inside, ``blocks/layers`` has a second one for the six layers).
-  ``(x (b, l, dim) in reversed LHW order, indices) -> residual + hidden (b, l, dim)`` float32 in
-  LHW order; ``indices`` from :func:`gather_indices` (visible tokens) or None (full volume)."""
+  ``layers`` axis). ``(x (b, l, dim) in reversed LHW order, indices) -> residual + hidden``
+  ``(b, l, dim)`` float32 in LHW order."""
 
   dim: int
   depth: int
@@ -389,12 +347,11 @@ class Mamba3DStack(nn.Module):
     stack = layer_stack(Mamba3DBlock, self.depth, remat=self.remat, num_broadcast=2,
                         static_broadcast=(1,))
     blocks = stack(dim=self.dim, cfg=self.cfg, n_layers=6 * self.depth, norm_eps=self.norm_eps,
-                   stochastic_depth=self.drop_path_rate > 0, name="blocks")
-    moves = (dense_layer_moves(self.shape, x.shape[0]) if indices is None
-             else visible_layer_moves(indices))
+                   stochastic_depth=self.drop_path_rate > 0, shape=tuple(self.shape),
+                   name="blocks")
     # The stream starts as (hidden 0, residual = tokens), so block 0 is like every other.
     carry = (jnp.zeros(x.shape, self.cfg.dtype), x.astype(jnp.float32))
-    (hidden, residual), _ = blocks(carry, _drop_rates(self.drop_path_rate, self.depth), moves,
+    (hidden, residual), _ = blocks(carry, _drop_rates(self.drop_path_rate, self.depth), indices,
                                    train)
     return jnp.flip(residual + hidden.astype(jnp.float32), axis=1)
 

@@ -6,7 +6,6 @@ maps them to mesh axes. Names used across the package:
     "embed"   model width (dim)           "mlp"     inner width (expand * dim)
     "state"   SSM state size (d_state)    "rank"    dt_rank / low-rank projections
     "conv"    convolution taps            "layers"  the stacked axis of a scanned layer stack
-    "sublayers"  the stacked axis of a stack inside a scanned layer
     None      never sharded
 """
 

@@ -28,7 +28,6 @@ LOGICAL_RULES = (
     ("rank", None),
     ("conv", None),
     ("layers", None),
-    ("sublayers", None),
 )
 
 
