@@ -49,15 +49,29 @@ def test_shapes_and_intermediates(tiny):
   feats, taps = forward(variables, video)
   assert feats.shape == (2, T, 5, 32) and len(taps) == 3
   assert all(t.shape == (2, T, 5, 32) for t in taps)
-  # The last intermediate is the residual stream that the final RMSNorm normalises.
-  scale = variables["params"]["norm_f"]["scale"]
-  last = taps[-1]
-  expected = last * jax.lax.rsqrt(jnp.mean(last**2, -1, keepdims=True) + 1e-5) * scale.value
-  assert rel_err(feats, expected) <= 1e-6
   assert model.intermediate_layers == (1, 2, 3)
   no_cls = create_model("endomamba_tiny", **CFG, use_cls_token=False)
   v = jax.eval_shape(no_cls.init, jax.random.key(0), video[:, :1])
   assert jax.eval_shape(no_cls.apply, v, video[:, :1]).shape == (2, 1, 4, 32)
+
+
+def test_intermediates_mixer_output_or_residual_stream(tiny):
+  model, variables, video, forward, _, _ = tiny
+  assert model.intermediates == "mixer"  # the release's get_features()
+  clip = video[:, :4]
+  _, mixer = forward(variables, clip)
+  ours = create_model("endomamba_tiny", **CFG, intermediates="residual")
+  feats, stream = jax.jit(functools.partial(ours.apply, return_intermediates=True))(variables, clip)
+  # Taps after blocks 1, 2, 3: the stream after block k is the stream after block k-1 plus
+  # block k's mixer output, and norm_f normalises the last stream.
+  assert rel_err(stream[1], stream[0] + mixer[1]) <= 1e-6
+  assert rel_err(stream[2], stream[1] + mixer[2]) <= 1e-6
+  scale = variables["params"]["norm_f"]["scale"]
+  last = stream[-1]
+  expected = last * jax.lax.rsqrt(jnp.mean(last**2, -1, keepdims=True) + 1e-5) * scale.value
+  assert rel_err(feats, expected) <= 1e-6
+  with pytest.raises(ValueError, match="intermediates must be one of"):
+    create_model("endomamba_tiny", **CFG, intermediates="norm").init(jax.random.key(0), clip)
 
 
 def test_frame_by_frame_equals_whole_clip(tiny):

@@ -32,7 +32,8 @@ def layer(tree, i):
 
 def endomamba_loop(model, params, video, caches=None, first_frame=None):
   """EndoMamba, block by block from the stacked parameters (no scan): features, the three
-  intermediate maps (residual + hidden after blocks depth//3, 2·depth//3, depth-1) and, when
+  intermediate maps (after blocks depth//3, 2·depth//3, depth-1: the mixer output, or the
+  residual stream with ``intermediates="residual"``) and, when
   ``caches`` are given, the new caches."""
   b, t = video.shape[:2]
   first = jnp.zeros((b,), jnp.int32) if first_frame is None else first_frame
@@ -62,7 +63,8 @@ def endomamba_loop(model, params, video, caches=None, first_frame=None):
       new_conv.append(cache["conv"])
       new_ssm.append(cache["ssm"])
     if i in model.intermediate_layers:
-      taps[i] = (residual + hidden).reshape(b, t, m, d)
+      tap = hidden if model.intermediates == "mixer" else residual + hidden
+      taps[i] = tap.reshape(b, t, m, d)
   out = RMSNorm().apply({"params": params["norm_f"]}, residual + hidden).reshape(b, t, m, d)
   new = {"conv": jnp.stack(new_conv), "ssm": jnp.stack(new_ssm)} if caches is not None else None
   return out, [taps[k] for k in model.intermediate_layers], new

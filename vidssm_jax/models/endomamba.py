@@ -37,6 +37,8 @@ from vidssm_jax.nn.video import (IMAGENET_MEAN, IMAGENET_STD, check_video, patch
 Array = jax.Array
 Dtype = Any
 
+INTERMEDIATES = ("mixer", "residual")
+
 
 class EndoMambaLayer(MambaBlock):
   """One block of a scanned EndoMamba stack (the body of ``layer_stack``).
@@ -44,10 +46,13 @@ class EndoMambaLayer(MambaBlock):
   ``carry = (hidden, residual, taps)``: the stream ``(B, L, dim)`` and the intermediate maps
   being collected; ``xs = (index, drop_rate, cache)``: the block's global index, its
   stochastic-depth rate and its streaming cache (None for a fresh clip). Returns ``(carry,
-  cache)``. ``tap_layers`` are the global indices whose ``residual + hidden`` land in ``taps``.
+  cache)``. ``tap_layers`` are the global indices whose output lands in ``taps``: the mixer's
+  output ``hidden`` (``tap="mixer"``) or the residual stream ``residual + hidden``
+  (``tap="residual"``).
   """
 
   tap_layers: tuple = ()
+  tap: str = "mixer"
 
   def __call__(self, carry, xs, train: bool):
     hidden, residual, taps = carry
@@ -57,7 +62,9 @@ class EndoMambaLayer(MambaBlock):
     else:
       hidden, residual, cache = self.forward_chunk(hidden, residual, cache)
     if taps:
-      out = residual + hidden.astype(jnp.float32)
+      out = hidden.astype(jnp.float32)
+      if self.tap == "residual":
+        out = out + residual
       taps = tuple(jnp.where(index == k, out, tap) for k, tap in zip(self.tap_layers, taps))
     return (hidden, residual, taps), cache
 
@@ -89,6 +96,11 @@ class EndoMamba(nn.Module):
   scan_backend: str = "auto"
   chunk_size: int = 64  # of the "associative" scan backend
   remat: str = "none"  # per scanned block: "none" | "full" | "dots" (nn/layers.py, ours)
+  # What ``return_intermediates`` returns after blocks depth//3, 2·depth//3 and depth-1:
+  # "mixer" (the release's get_features(): the block's mixer output, before the residual add
+  # and without a norm) or "residual" (ours: the residual stream after the block, the input of
+  # the next block's norm, so the last one is what norm_f normalises).
+  intermediates: str = "mixer"
 
   # ---- static geometry (usable on an unbound module) ----------------------------------------
 
@@ -153,6 +165,9 @@ class EndoMamba(nn.Module):
       raise ValueError(f"EndoMamba: dim={self.dim} must be even (sinusoidal time embedding)")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"EndoMamba: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.intermediates not in INTERMEDIATES:
+      raise ValueError(f"EndoMamba: intermediates must be one of {INTERMEDIATES}, got "
+                       f"{self.intermediates!r}")
 
   # ---- parameters ---------------------------------------------------------------------------
 
@@ -172,7 +187,7 @@ class EndoMamba(nn.Module):
     s = self.n_spatial
     stochastic = self.drop_path_rate > 0
     kw = dict(dim=self.dim, cfg=self.mamba, n_layers=self.depth, norm="rms",
-              norm_eps=self.norm_eps, stochastic_depth=stochastic)
+              norm_eps=self.norm_eps, stochastic_depth=stochastic, tap=self.intermediates)
     taps = self.intermediate_layers
     if s:
       self.spatial_blocks = layer_stack(EndoMambaLayer, s, remat=self.remat, num_broadcast=1,
@@ -240,8 +255,9 @@ class EndoMamba(nn.Module):
 
     Returns:
       ``features (b, t, tokens, dim)`` in ``dtype``; with ``return_intermediates``,
-      ``(features, [f1, f2, f3])``, each ``(b, t, tokens, dim)`` float32: the residual stream
-      after blocks ``depth//3``, ``2·depth//3`` and ``depth-1``.
+      ``(features, [f1, f2, f3])``, each ``(b, t, tokens, dim)`` float32, taken after blocks
+      ``depth//3``, ``2·depth//3`` and ``depth-1``: the mixer output (``intermediates="mixer"``,
+      the release) or the residual stream (``"residual"``).
     """
     check_video(video, img_size=self.img_size, in_chans=self.in_chans)
     x = self.embed(video, jnp.zeros((video.shape[0],), jnp.int32))
