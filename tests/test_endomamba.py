@@ -74,6 +74,35 @@ def test_intermediates_mixer_output_or_residual_stream(tiny):
     create_model("endomamba_tiny", **CFG, intermediates="norm").init(jax.random.key(0), clip)
 
 
+def test_release_init_or_mamba_init():
+  video = jnp.zeros((1, 1, 32, 32, 3))
+  init = lambda **kw: nn.meta.unbox(jax.jit(create_model("endomamba_tiny", **CFG, **kw).init)(
+      jax.random.key(0), video))["params"]
+  release, mamba = init(), init(init="mamba")
+  assert jax.tree.map(jnp.shape, release) == jax.tree.map(jnp.shape, mamba)
+  for stack in ("spatial_blocks", "temporal_blocks"):
+    mixer, ours = release[stack]["mixer"], mamba[stack]["mixer"]
+    branches = ("ssm", "ssm_b") if stack == "spatial_blocks" else ("ssm",)
+    linears = [mixer["in_proj"]["kernel"]] + [w for b in branches for w in (
+        mixer[b]["x_proj"]["kernel"], mixer[b]["dt_proj_kernel"])]
+    for w in linears:  # every Linear N(0, 0.02²)
+      assert abs(float(jnp.std(w)) - 0.02) < 0.004, w.shape
+      assert abs(float(jnp.mean(w))) < 4 * 0.02 / w.size**0.5, w.shape  # within 4 std errors
+    for b in branches:  # Linear biases 0, so dt_proj's too (Mamba: softplus⁻¹ of dt in [1e-3, 0.1])
+      assert float(jnp.abs(mixer[b]["dt_bias"]).max()) == 0.0
+      dt = jax.nn.softplus(ours[b]["dt_bias"])
+      assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001
+      np.testing.assert_array_equal(mixer[b]["A_log"], ours[b]["A_log"])
+    bound = 64**-0.5 / 4**0.5  # out_proj: U(±1/√fan_in) / √depth in both
+    assert float(jnp.abs(mixer["out_proj"]["kernel"]).max()) <= bound
+    assert float(jnp.abs(mixer["out_proj"]["kernel"]).max()) > 0.9 * bound
+  bias = release["patch_embed"]["bias"]  # U(±1/√(3·16·16)); Mamba-style init leaves it 0
+  assert 0.8 * 768**-0.5 < float(jnp.abs(bias).max()) <= 768**-0.5
+  assert float(jnp.abs(mamba["patch_embed"]["bias"]).max()) == 0.0
+  with pytest.raises(ValueError, match=r"init must be one of \('release', 'mamba'\)"):
+    create_model("endomamba_tiny", **CFG, init="xavier").init(jax.random.key(0), video)
+
+
 def test_frame_by_frame_equals_whole_clip(tiny):
   model, variables, video, forward, _, step = tiny
   whole, _ = forward(variables, video)
@@ -107,7 +136,11 @@ def test_state_size_does_not_grow_with_history(tiny):
 
 
 def test_causal_across_frames_bidirectional_within_a_frame(tiny):
-  _, variables, video, forward, _, _ = tiny
+  _, _, video, forward, _, _ = tiny
+  # Mamba's init (dt in [1e-3, 0.1]) remembers the whole clip; the release's (dt = softplus(0))
+  # forgets within a few frames, below float32 resolution by the end of a 32-frame clip.
+  variables = jax.jit(create_model("endomamba_tiny", **CFG, init="mamba").init)(
+      jax.random.key(1), video[:, :1])
   changed = video.at[:, 3, 16:, 16:].add(1.0)  # the last patch of frame 3
   a, _ = forward(variables, video)
   b, _ = forward(variables, changed)

@@ -20,6 +20,7 @@ costs the same whatever came before it.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -29,8 +30,9 @@ import numpy as np
 
 from vidssm_jax.models.registry import register
 from vidssm_jax.models.vit import ViTStack, vit_layer_norm
-from vidssm_jax.nn.layers import REMAT_POLICIES, RMSNorm, layer_stack, partitioned
-from vidssm_jax.nn.mamba import MambaBlock, MambaConfig, torch_linear_init
+from vidssm_jax.nn.layers import REMAT_POLICIES, RMSNorm, layer_stack, make_norm, partitioned
+from vidssm_jax.nn.mamba import (BiMambaMixer, MambaBlock, MambaConfig, MambaMixer, SSMBranch,
+                                 a_log_init, symmetric_uniform, torch_linear_init)
 from vidssm_jax.nn.video import (IMAGENET_MEAN, IMAGENET_STD, check_video, patchify,
                                  sinusoidal_embedding, unpatchify)
 
@@ -38,6 +40,62 @@ Array = jax.Array
 Dtype = Any
 
 INTERMEDIATES = ("mixer", "residual")
+WEIGHT_INITS = ("release", "mamba")
+
+
+def release_normal():
+  """The release's ``trunc_normal_(std=0.02)``: truncated at ±2 absolute (±100 std)."""
+  return nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
+
+
+# ---- the release's initialisation of the Mamba blocks (weight_init="release") ------------------
+# After Mamba's init the release re-initialises every Linear: kernels N(0, 0.02²), biases 0 (so
+# dt_proj's bias, Mamba's softplus⁻¹(dt), becomes 0), then out_proj again U(±1/√fan_in)/√depth.
+# The conv, A_log and D keep Mamba's init. nn/mamba.py hard-codes Mamba's initialisers, so these
+# subclasses build the same parameters (names, shapes, axes) with the release's.
+
+
+class ReleaseInitBranch(SSMBranch):
+  """``SSMBranch`` with the release's init: ``x_proj`` and ``dt_proj`` N(0, 0.02²), dt bias 0."""
+
+  def setup(self):
+    d, n, r, k = self.d_inner, self.cfg.d_state, self.dt_rank, self.cfg.d_conv
+    self.conv_weight = self.param(
+        "conv_weight", partitioned(symmetric_uniform(k**-0.5), "conv", "mlp"), (k, d))
+    self.conv_bias = self.param("conv_bias", partitioned(symmetric_uniform(k**-0.5), "mlp"), (d,))
+    self.x_proj = nn.Dense(r + 2 * n, use_bias=False, dtype=self.cfg.dtype, name="x_proj",
+                           kernel_init=partitioned(release_normal(), "mlp", None))
+    self.dt_proj_kernel = self.param("dt_proj_kernel",
+                                     partitioned(release_normal(), "rank", "mlp"), (r, d))
+    self.dt_bias = self.param("dt_bias", partitioned(nn.initializers.zeros, "mlp"), (d,))
+    self.A_log = self.param("A_log", partitioned(a_log_init, "mlp", "state"), (d, n))
+    self.D = self.param("D", partitioned(nn.initializers.ones, "mlp"), (d,))
+
+
+class _ReleaseInitMixer:
+  """Mixin for the two mixers: ``in_proj`` N(0, 0.02²), release-initialised branches."""
+
+  def _branch(self, name):
+    return ReleaseInitBranch(d_inner=self.d_inner,
+                             dt_rank=self.cfg.dt_rank or math.ceil(self.dim / 16), cfg=self.cfg,
+                             name=name)
+
+  def _projections(self):
+    dtype = self.cfg.dtype
+    in_proj = nn.Dense(2 * self.d_inner, use_bias=False, dtype=dtype, name="in_proj",
+                       kernel_init=partitioned(release_normal(), "embed", "mlp"))
+    out_proj = nn.Dense(self.dim, use_bias=False, dtype=dtype, name="out_proj",
+                        kernel_init=partitioned(torch_linear_init(self.n_layers**-0.5),
+                                                "mlp", "embed"))
+    return in_proj, out_proj
+
+
+class ReleaseInitMixer(_ReleaseInitMixer, MambaMixer):
+  pass
+
+
+class ReleaseInitBiMixer(_ReleaseInitMixer, BiMambaMixer):
+  pass
 
 
 class EndoMambaLayer(MambaBlock):
@@ -53,6 +111,17 @@ class EndoMambaLayer(MambaBlock):
 
   tap_layers: tuple = ()
   tap: str = "mixer"
+  weight_init: str = "release"  # "release" | "mamba" (EndoMamba.weight_init)
+
+  def setup(self):
+    if self.weight_init == "mamba":
+      return super().setup()
+    self.norm_layer = make_norm(self.norm, self.norm_eps)
+    if self.bidirectional:
+      self.mixer = ReleaseInitBiMixer(dim=self.dim, cfg=self.cfg, n_layers=self.n_layers,
+                                      divide_out=self.divide_out)
+    else:
+      self.mixer = ReleaseInitMixer(dim=self.dim, cfg=self.cfg, n_layers=self.n_layers)
 
   def __call__(self, carry, xs, train: bool):
     hidden, residual, taps = carry
@@ -101,6 +170,11 @@ class EndoMamba(nn.Module):
   # and without a norm) or "residual" (ours: the residual stream after the block, the input of
   # the next block's norm, so the last one is what norm_f normalises).
   intermediates: str = "mixer"
+  # Initialisation: "release" (after Mamba's init the release re-draws every Linear N(0, 0.02²)
+  # with zero bias, so dt_proj's bias is 0; patch-embed bias U(±1/√fan_in)) or "mamba" (ours:
+  # Mamba's init throughout, dt bias softplus⁻¹(dt), patch-embed bias 0). ``create_model`` takes
+  # it as ``init=``.
+  weight_init: str = "release"
 
   # ---- static geometry (usable on an unbound module) ----------------------------------------
 
@@ -165,6 +239,8 @@ class EndoMamba(nn.Module):
       raise ValueError(f"EndoMamba: dim={self.dim} must be even (sinusoidal time embedding)")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"EndoMamba: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.weight_init not in WEIGHT_INITS:
+      raise ValueError(f"EndoMamba: init must be one of {WEIGHT_INITS}, got {self.weight_init!r}")
     if self.intermediates not in INTERMEDIATES:
       raise ValueError(f"EndoMamba: intermediates must be one of {INTERMEDIATES}, got "
                        f"{self.intermediates!r}")
@@ -173,21 +249,24 @@ class EndoMamba(nn.Module):
 
   def setup(self):
     self._check_config()
-    p = self.patch_size
+    p, release = self.patch_size, self.weight_init == "release"
+    bias_init = (symmetric_uniform((self.in_chans * p * p)**-0.5) if release
+                 else nn.initializers.zeros)
     self.patch_embed = nn.Conv(
         self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed",
         kernel_init=partitioned(torch_linear_init(), None, None, None, "embed"),
-        bias_init=partitioned(nn.initializers.zeros, "embed"))
-    self.pos_embed = self.param(
-        "pos_embed", partitioned(nn.initializers.truncated_normal(0.02), None, "embed"),
-        (self.num_tokens, self.dim))
+        bias_init=partitioned(bias_init, "embed"))
+    pos_init = release_normal() if release else nn.initializers.truncated_normal(0.02)
+    self.pos_embed = self.param("pos_embed", partitioned(pos_init, None, "embed"),
+                                (self.num_tokens, self.dim))
     if self.use_cls_token:
       self.cls_token = self.param("cls_token", partitioned(nn.initializers.zeros, "embed"),
                                   (self.dim,))
     s = self.n_spatial
     stochastic = self.drop_path_rate > 0
     kw = dict(dim=self.dim, cfg=self.mamba, n_layers=self.depth, norm="rms",
-              norm_eps=self.norm_eps, stochastic_depth=stochastic, tap=self.intermediates)
+              norm_eps=self.norm_eps, stochastic_depth=stochastic, tap=self.intermediates,
+              weight_init=self.weight_init)
     taps = self.intermediate_layers
     if s:
       self.spatial_blocks = layer_stack(EndoMambaLayer, s, remat=self.remat, num_broadcast=1,
@@ -336,7 +415,16 @@ SIZES = {
 }
 
 
+def _backbone_fields(overrides: dict) -> dict:
+  """``create_model`` overrides -> EndoMamba fields (``init=`` is the field ``weight_init``:
+  a Flax module cannot have a field named ``init``)."""
+  if "init" in overrides:
+    overrides["weight_init"] = overrides.pop("init")
+  return overrides
+
+
 def _build(size: str, overrides: dict) -> nn.Module:
+  overrides = _backbone_fields(overrides)
   head = overrides.pop("head", None)
   head_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in _HEAD_KEYS}
   backbone = EndoMamba(**{**SIZES[size], **overrides})
@@ -614,6 +702,7 @@ _PRETRAIN_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio",
 
 
 def _build_pretrainer(size: str, overrides: dict) -> EndoMambaPretrainer:
+  overrides = _backbone_fields(overrides)
   kw = {**DECODER[size], **{k: overrides.pop(k) for k in list(overrides) if k in _PRETRAIN_KEYS}}
   backbone = EndoMamba(**{**SIZES[size], **overrides})
   return EndoMambaPretrainer(backbone=backbone, num_frames=backbone.num_frames, **kw)
