@@ -461,15 +461,31 @@ def endomamba_middle(**overrides) -> nn.Module:
 # ---- pretraining (SPEC §2 "Pretraining") --------------------------------------------------------
 
 
-def normalised_patch_targets(video: Array, patch_size: int) -> Array:
-  """Per-patch normalised pixel targets ``(b, t, n, p·p·C)`` float32 from an ImageNet-normalised
-  video: undo the normalisation, then ``(x - mean) / (std + 1e-6)`` within each patch (unbiased
-  std, as VideoMAE)."""
-  pixels = video.astype(jnp.float32) * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN)
+TARGET_NORMS = ("channel", "patch")
+
+
+def patch_statistics(patches: Array, channels: int, per_channel: bool):
+  """Mean and unbiased std of each patch ``(..., p·p·C)`` (pixels as ``(p, p, C)``), over its
+  ``p·p`` pixels per colour channel or over all ``p·p·C`` values; both broadcast to the input."""
+  if per_channel:
+    x = patches.reshape(*patches.shape[:-1], -1, channels)  # (..., p·p, C)
+    mean, std = jnp.mean(x, -2, keepdims=True), jnp.sqrt(jnp.var(x, -2, keepdims=True, ddof=1))
+    tile = lambda a: jnp.broadcast_to(a, x.shape).reshape(patches.shape)
+    return tile(mean), tile(std)
+  return (jnp.mean(patches, -1, keepdims=True),
+          jnp.sqrt(jnp.var(patches, -1, keepdims=True, ddof=1)))
+
+
+def normalised_patch_targets(video: Array, patch_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                             per_channel: bool = True) -> Array:
+  """Per-patch normalised pixel targets ``(b, t, n, p·p·C)`` float32 from a video normalised
+  with ``mean`` / ``std`` (per channel): undo that normalisation, then ``(x - m) / (s + 1e-6)``
+  with the mean and unbiased std of each patch, per colour channel (the release) or over the
+  whole patch (VideoMAE's ``per_channel=False``)."""
+  pixels = video.astype(jnp.float32) * jnp.asarray(std) + jnp.asarray(mean)
   x = patchify(pixels, patch_size)
-  mean = jnp.mean(x, -1, keepdims=True)
-  std = jnp.sqrt(jnp.var(x, -1, keepdims=True, ddof=1))
-  return (x - mean) / (std + 1e-6)
+  m, s = patch_statistics(x, video.shape[-1], per_channel)
+  return (x - m) / (s + 1e-6)
 
 
 class MAEDecoder(nn.Module):
@@ -486,6 +502,7 @@ class MAEDecoder(nn.Module):
   num_positions: int = 16 * 196
   dtype: Dtype = jnp.float32
   remat: str = "none"
+  k_bias: bool = False  # False: q and v biases only (the release); True: one qkv bias (ours)
 
   @nn.compact
   def __call__(self, x_vis: Array, pos_vis: Array, pos_mask: Array, *, train: bool = False):
@@ -497,7 +514,7 @@ class MAEDecoder(nn.Module):
     x = jnp.concatenate([x, jnp.broadcast_to(mask_token, (b, m, self.dim)).astype(x.dtype)], 1)
     x = x + sinusoidal_embedding(jnp.concatenate([pos_vis, pos_mask], 1), self.dim)
     x = ViTStack(self.dim, self.depth, self.num_heads, dtype=self.dtype, remat=self.remat,
-                 name="stack")(x, train=train)
+                 k_bias=self.k_bias, name="stack")(x, train=train)
     x = vit_layer_norm(1e-6, self.dtype, "norm")(x[:, -m:])
     head = nn.Dense(self.out_dim, dtype=self.dtype, name="head",
                     kernel_init=partitioned(nn.initializers.xavier_uniform(), None, None),
@@ -521,8 +538,24 @@ class EndoMambaPretrainer(nn.Module):
   mask_ratio: float = 0.75  # masked patches per frame = int(mask_ratio · n), as VideoMAE's tube mask
   teacher_dim: Optional[int] = None  # default: the backbone's width (no projection)
   num_frames: int = 16  # positions of the decoder's sinusoidal table are computed, any T runs
+  # The per-channel mean and std the input video was normalised with (the data pipeline's, from
+  # the shards' index.json: train/experiment.py sets them), undone for the pixel targets.
+  pixel_mean: tuple = IMAGENET_MEAN
+  pixel_std: tuple = IMAGENET_STD
+  # Pixel targets normalised per patch "channel" (the release: each colour channel over its p·p
+  # pixels) or "patch" (ours before: over all p·p·C values, as VideoMAE).
+  target_norm: str = "channel"
 
   transfer_subtree = "backbone"
+
+  def with_pixel_statistics(self, mean, std) -> "EndoMambaPretrainer":
+    """This model for videos normalised as ``(x - mean) / std`` per channel (index.json)."""
+    c = self.backbone.in_chans
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != c or len(std) != c:
+      raise ValueError(f"EndoMambaPretrainer: pixel statistics have {len(mean)} / {len(std)} "
+                       f"channels, the model expects {c} (set in_chans)")
+    return self.clone(pixel_mean=mean, pixel_std=std)
 
   @property
   def num_masked(self) -> int:
@@ -555,6 +588,9 @@ class EndoMambaPretrainer(nn.Module):
 
   def setup(self):
     bb = self.backbone
+    if self.target_norm not in TARGET_NORMS:
+      raise ValueError(f"EndoMambaPretrainer: target_norm must be one of {TARGET_NORMS}, got "
+                       f"{self.target_norm!r}")
     self.decoder = MAEDecoder(self.decoder_dim, self.decoder_depth, self.decoder_heads,
                               out_dim=bb.patch_size**2 * bb.in_chans,
                               num_positions=self.num_frames * bb.num_patches, dtype=bb.dtype,
@@ -606,7 +642,7 @@ class EndoMambaPretrainer(nn.Module):
     """``L = MSE(pred, target) on masked patches + alpha · mean(1 - cos(student, teacher))``.
 
     Args:
-      video: ``(b, t, H, W, C)`` ImageNet-normalised.
+      video: ``(b, t, H, W, C)`` normalised with ``pixel_mean`` / ``pixel_std``.
       mask: bool ``(b, t, H/p, W/p)``, True = masked; a tube mask with ``int(mask_ratio·n)``
         masked patches per frame.
       teacher_features: ``(b, t·n, teacher_dim)`` (per-frame tokens, time-major) or
@@ -628,8 +664,10 @@ class EndoMambaPretrainer(nn.Module):
     pos_vis = (frame_offset + vis_idx[:, None]).reshape(b, t * v)
     pos_mask = (frame_offset + mask_idx[:, None]).reshape(b, -1)
     pred = self.decoder(feats.reshape(b, t * v, d), pos_vis, pos_mask, train=train)
-    target = jnp.take_along_axis(normalised_patch_targets(video, bb.patch_size),
-                                 mask_idx[:, None, :, None], axis=2).reshape(b, -1, pred.shape[-1])
+    targets = normalised_patch_targets(video, bb.patch_size, self.pixel_mean, self.pixel_std,
+                                       self.target_norm == "channel")
+    target = jnp.take_along_axis(targets, mask_idx[:, None, :, None],
+                                 axis=2).reshape(b, -1, pred.shape[-1])
     loss_rec = jnp.mean((pred - target) ** 2)
 
     student = feats.astype(jnp.float32)
@@ -644,9 +682,10 @@ class EndoMambaPretrainer(nn.Module):
 
   def reconstruct(self, video: Array, mask: Array) -> Array:
     """The clip as the decoder sees it, for summaries: visible patches from ``video``, masked
-    ones predicted. ``video (b, t, H, W, C)`` ImageNet-normalised -> ``(b, t, H, W, C)`` in the
-    same normalisation (each predicted patch is given the mean and std of the true patch, since
-    the decoder predicts per-patch-normalised pixels)."""
+    ones predicted. ``video (b, t, H, W, C)`` normalised with ``pixel_mean`` / ``pixel_std`` ->
+    ``(b, t, H, W, C)`` in the same normalisation (each predicted patch is given the mean and std
+    of the true patch, as ``target_norm`` computes them, since the decoder predicts
+    per-patch-normalised pixels)."""
     bb = self.backbone
     feats, vis_idx, mask_idx = self.encode_visible(video, mask)
     b, t, v, d = feats.shape
@@ -655,15 +694,14 @@ class EndoMambaPretrainer(nn.Module):
     pred = self.decoder(feats.reshape(b, t * v, d), (frame_offset + vis_idx[:, None]).reshape(b, -1),
                         (frame_offset + mask_idx[:, None]).reshape(b, -1))
     pred = pred.reshape(b, t, -1, p * p * c)
-    pixels = patchify(video.astype(jnp.float32) * jnp.asarray(IMAGENET_STD)
-                      + jnp.asarray(IMAGENET_MEAN), p)  # (b, t, n, p·p·C) in [0, 1]
+    mean_c, std_c = jnp.asarray(self.pixel_mean), jnp.asarray(self.pixel_std)
+    pixels = patchify(video.astype(jnp.float32) * std_c + mean_c, p)  # (b, t, n, p·p·C) in [0, 1]
     true = jnp.take_along_axis(pixels, mask_idx[:, None, :, None], axis=2)
-    mean = jnp.mean(true, -1, keepdims=True)
-    std = jnp.sqrt(jnp.var(true, -1, keepdims=True, ddof=1))
+    mean, std = patch_statistics(true, c, self.target_norm == "channel")
     rows, frames = jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None]
     pixels = pixels.at[rows, frames, mask_idx[:, None, :]].set(pred * (std + 1e-6) + mean)
     video_out = unpatchify(pixels, p, bb.grid_size, bb.grid_size)
-    return (video_out - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return (video_out - mean_c) / std_c
 
   def _teacher_frames(self, teacher, b, t) -> int:
     """Checks ``teacher (b, t·n or t/2·n, teacher_dim)``; returns its number of frames."""
@@ -698,13 +736,17 @@ class EndoMambaPretrainer(nn.Module):
 
 DECODER = {"tiny": dict(decoder_dim=128, decoder_heads=2), "small": dict(decoder_dim=192,
            decoder_heads=3), "middle": dict(decoder_dim=384, decoder_heads=6)}
-_PRETRAIN_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "teacher_dim")
+_PRETRAIN_KEYS = ("decoder_dim", "decoder_depth", "decoder_heads", "mask_ratio", "teacher_dim",
+                  "pixel_mean", "pixel_std", "target_norm")
+# The release's pretraining encoder: no cls token (196 position embeddings) and drop path 0.1
+# (its default, which the pretraining script's flag never reaches). Overridable as any field.
+PRETRAIN_BACKBONE = dict(use_cls_token=False, drop_path_rate=0.1)
 
 
 def _build_pretrainer(size: str, overrides: dict) -> EndoMambaPretrainer:
   overrides = _backbone_fields(overrides)
   kw = {**DECODER[size], **{k: overrides.pop(k) for k in list(overrides) if k in _PRETRAIN_KEYS}}
-  backbone = EndoMamba(**{**SIZES[size], **overrides})
+  backbone = EndoMamba(**{**SIZES[size], **PRETRAIN_BACKBONE, **overrides})
   return EndoMambaPretrainer(backbone=backbone, num_frames=backbone.num_frames, **kw)
 
 

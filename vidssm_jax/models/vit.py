@@ -40,18 +40,28 @@ def vit_layer_norm(eps, dtype, name):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention over ``(b, l, dim)``."""
+  """Multi-head self-attention over ``(b, l, dim)``.
+
+  ``qkv_bias`` with ``k_bias=False`` is VideoMAE's (and EndoMamba's decoder's) bias: learned
+  ``q_bias`` and ``v_bias`` ``(dim,)``, none on the keys; the default is one ``qkv/bias``.
+  """
 
   dim: int
   num_heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = None  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
+  k_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, l, _ = x.shape
-    qkv = _dense(3 * self.dim, "qkv", self.dtype, ("embed", "mlp"), self.qkv_bias)(x)
+    split = self.qkv_bias and not self.k_bias
+    qkv = _dense(3 * self.dim, "qkv", self.dtype, ("embed", "mlp"), self.qkv_bias and not split)(x)
+    if split:
+      q_bias, v_bias = (self.param(n, partitioned(nn.initializers.zeros, "mlp"), (self.dim,))
+                        for n in ("q_bias", "v_bias"))
+      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv.reshape(b, l, 3 * self.num_heads, -1), 3, axis=2)
     y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return _dense(self.dim, "proj", self.dtype, ("mlp", "embed"))(y.reshape(b, l, self.dim))
@@ -70,6 +80,7 @@ class ViTBlock(nn.Module):
   stochastic_depth: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  k_bias: bool = True  # False: q and v biases only (Attention)
 
   @nn.compact
   def __call__(self, x: Array, drop_rate, train: bool = False):
@@ -80,7 +91,7 @@ class ViTBlock(nn.Module):
 
     h = vit_layer_norm(self.norm_eps, self.dtype, "norm1")(x)
     h = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.attention_impl,
-                  name="attn")(h)
+                  self.k_bias, name="attn")(h)
     x = x + drop(h)
     h = vit_layer_norm(self.norm_eps, self.dtype, "norm2")(x)
     h = _dense(int(self.dim * self.mlp_ratio), "fc1", self.dtype, ("embed", "mlp"))(h)
@@ -102,6 +113,7 @@ class ViTStack(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = "none"
+  k_bias: bool = True  # False: q and v biases only (Attention)
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -110,7 +122,7 @@ class ViTStack(nn.Module):
     stack = layer_stack(ViTBlock, self.depth, remat=self.remat, num_broadcast=1,
                         static_broadcast=(0,))
     x, _ = stack(self.dim, self.num_heads, self.mlp_ratio, self.qkv_bias, self.norm_eps,
-                 self.drop_path_rate > 0, self.dtype, self.attention_impl,
+                 self.drop_path_rate > 0, self.dtype, self.attention_impl, self.k_bias,
                  name="blocks")(x, rates, train)
     return x
 

@@ -99,6 +99,19 @@ def build_model(config, stage: str):
   return model
 
 
+def with_data_statistics(model, config):
+  """A pretraining model whose pixel targets undo the input normalisation
+  (``with_pixel_statistics``) is given the mean and std the pipeline normalises with: those of
+  the shards' index.json."""
+  if not hasattr(model, "with_pixel_statistics"):
+    return model
+  norm = shards.load_index(config.data.dir)["normalization"]
+  try:
+    return model.with_pixel_statistics(norm["mean"], norm["std"])
+  except ValueError as e:
+    raise ConfigError(f"data.dir {config.data.dir!r}: {e}") from None
+
+
 def ensure_data(config) -> None:
   """Writes synthetic shards when the config asks for them and they are missing."""
   d = config.data
@@ -212,7 +225,7 @@ def build_teacher(config, mesh, batch_size):
 def run_pretrain(config, workdir: str):
   mesh = make_mesh(config.mesh)
   p = config.pretrain
-  model = build_model(config, "pretrain")
+  model = with_data_statistics(build_model(config, "pretrain"), config)
   rng = jax.random.key(config.seed)
   bs = p.batch_size
   grid = pt.token_grid(model)
