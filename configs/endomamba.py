@@ -1,9 +1,12 @@
 """EndoMamba-S pretraining: tube-masked video reconstruction + feature alignment to a frozen
 video ViT teacher, L = L_rec + 0.25 · L_align (SPEC §2).
 
-Paper setting: 16 frames at stride 4, 224 × 224, tube masking at 0.75, AdamW lr 1.5e-4 ×
-batch/256, weight decay 0.05, warm-up then cosine, on the MIX12 endoscopy corpus (point
-``data.dir`` at its shards). The teacher is ``vit_s`` (width 384 = the student's); load converted
+Release setting: 16 frames at stride 4, 224 × 224, tube masking at 0.75, AdamW (0.9, 0.999),
+lr 1.5e-4 × batch/256 warming up from 1e-6 × batch/256 over the first 10 % of training (40 of
+400 epochs) and decaying by cosine to 1e-5 × batch/256, weight decay 0.05 on all but 1-D
+tensors, biases, pos_embed, cls_token and mask_token (``optimizer.decay_rule``), no gradient
+clipping, L = L_rec + 0.25 · L_align, on the MIX12 endoscopy corpus (point ``data.dir`` at its
+shards). The teacher is ``vit_s`` (width 384 = the student's); load converted
 weights with ``--config.pretrain.teacher.checkpoint=DIR`` (a Checkpointer directory), otherwise
 it is randomly initialised and frozen, which only exercises the code path.
 
@@ -25,6 +28,15 @@ def model_config(**fields):
   "dots" (README, "Training")."""
   return ml_collections.ConfigDict(dict(scan_backend="auto", chunk_size=64, remat="none",
                                         **fields))
+
+
+def release_pretrain_optim(batch_size: int, steps: int):
+  """The release's pretraining optimizer, its learning rates scaled by ``batch_size / 256``."""
+  scale = batch_size / 256
+  return ml_collections.ConfigDict(dict(
+      lr=1.5e-4 * scale, warmup_lr=1e-6 * scale, min_lr=1e-5 * scale, warmup_steps=steps // 10,
+      weight_decay=0.05, decay_rule="endomamba_release", clip_norm=0.0, b1=0.9, b2=0.999,
+      eps=1e-8))
 
 
 def get_config(arg: str = ""):
@@ -49,11 +61,11 @@ def get_config(arg: str = ""):
   c.pretrain.steps = 100_000
   c.pretrain.batch_size = 384  # 48 per GPU × 8 in the release
   c.pretrain.mask = ml_collections.ConfigDict(dict(kind="tube", ratio=0.75))
-  c.pretrain.optim = ml_collections.ConfigDict(dict(
-      lr=1.5e-4 * 384 / 256, warmup_steps=5_000, weight_decay=0.05, clip_norm=0.0,
-      b1=0.9, b2=0.95, eps=1e-8))
+  c.pretrain.optim = release_pretrain_optim(c.pretrain.batch_size, c.pretrain.steps)
   c.pretrain.ema_decay = 0.0
   c.pretrain.ema_every = 1
+  # alpha 0.25 as the release. Its cosine embedding loss passes margin 0.15, which acts on
+  # negative pairs only: every pair here is positive (student, teacher), so the loss is 1 - cos.
   c.pretrain.teacher = ml_collections.ConfigDict(dict(name="vit_s", checkpoint="", alpha=0.25))
 
   # Fine-tuning fields are shared by the task configs; pretraining does not read them.
@@ -75,7 +87,7 @@ def get_config(arg: str = ""):
                        synthetic_num=64, num_frames=8, stride=2, image_size=32, num_workers=0))
     c.pretrain.steps = 20
     c.pretrain.batch_size = 4
-    c.pretrain.optim.warmup_steps = 2
+    c.pretrain.optim = release_pretrain_optim(c.pretrain.batch_size, c.pretrain.steps)
     c.pretrain.teacher.model = ml_collections.ConfigDict(dict(img_size=32, patch_size=8,
                                                               dim=32, depth=2, num_heads=2))
     c.log_every = 5

@@ -112,7 +112,8 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
 def make_optimizer(opt_config, params, total_steps: int,
                    layer_decay: Optional[float] = None, layer_groups: Optional[dict] = None,
                    num_layers: int = 0):
-  """AdamW from a config with fields lr, warmup_steps, weight_decay, clip_norm, b1, b2, eps;
+  """AdamW from a config with fields lr, warmup_steps, weight_decay, clip_norm, b1, b2, eps
+  (and optionally warmup_lr, the first step's lr, and min_lr, the last's; both default 0);
   with ``layer_decay``, layer-wise lr decay over the model's ``layer_groups`` (its scanned
   stacks) and ``num_layers``.
 
@@ -120,7 +121,8 @@ def make_optimizer(opt_config, params, total_steps: int,
   """
   warmup = min(int(opt_config.warmup_steps), max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(opt_config.lr), warmup_steps=warmup,
+      init_value=float(opt_config.get("warmup_lr", 0.0)), peak_value=float(opt_config.lr),
+      warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=float(opt_config.get("min_lr", 0.0)))
   parts = []
   if opt_config.get("clip_norm"):
