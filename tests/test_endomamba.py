@@ -368,3 +368,13 @@ def test_config_is_the_releases_pretraining_recipe():
   for step, want in ((0, 1e-6), (o.warmup_steps, 1.5e-4), (steps, 1e-5)):
     np.testing.assert_allclose(float(schedule(step)), want * scale, rtol=1e-5)
   assert 1e-5 * scale < float(schedule((steps + o.warmup_steps) // 2)) < 1.5e-4 * scale
+
+
+def test_pretrainer_inits_from_an_all_visible_placeholder_mask():
+  """Trainers init with a zero mask closed over by jit (a concrete array): only its shape counts."""
+  model = create_model("endomamba_tiny_pretrain", **PCFG)
+  video, mask0 = jnp.zeros((1, 2, 32, 32, 3)), jnp.zeros((1, 2, 4, 4), bool)
+  params = jax.jit(lambda: model.init(jax.random.key(0), video, mask0, train=False))()["params"]
+  assert set(params) == {"backbone", "decoder"}
+  with pytest.raises(ValueError, match="hides \\[0\\] patches per frame"):
+    model.apply({"params": params}, video, mask0, method="pretrain_loss", train=False)

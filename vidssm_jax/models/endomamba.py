@@ -610,7 +610,9 @@ class EndoMambaPretrainer(nn.Module):
     if mask.shape != (b, t, g, g) or mask.dtype != jnp.bool_:
       raise ValueError(f"EndoMambaPretrainer: mask has shape {tuple(mask.shape)} dtype {mask.dtype},"
                        f" expected bool (batch, time, grid, grid) = {(b, t, g, g)}")
-    if not isinstance(mask, jax.core.Tracer):  # concrete: check what jit cannot
+    # Concrete: check what jit cannot (not at init, which only needs shapes: trainers init with
+    # an all-visible placeholder mask).
+    if not isinstance(mask, jax.core.Tracer) and not self.is_initializing():
       m = np.asarray(mask).reshape(b, t, g * g)
       if not (m == m[:, :1]).all():
         raise ValueError("EndoMambaPretrainer: mask must be a tube mask (the same spatial "
