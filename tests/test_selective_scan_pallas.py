@@ -117,6 +117,44 @@ def test_public_entry_without_softplus_or_extras_and_undifferentiated():
   assert rel_err(y, ref) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
 
 
+@pytest.mark.parametrize("softplus,bias", [(True, True), (False, False), (False, True)],
+                         ids=["softplus-padded", "nobias-padded", "bias-tail"])
+def test_lengths_off_the_chunk_padded_or_tailed(softplus, bias):
+  # l = 11 with chunk 4: padded with identity steps (dt = 0) unless delta has a bias and no
+  # softplus, where the kernels run their unrolled tail chunk. Forward and every gradient
+  # against the float64 lax.scan reference backend.
+  x = make_inputs(7, 2, 11, 8, 4, 2, h0=True)
+  x["delta"] = np.abs(x["delta"])
+  if not bias:
+    del x["delta_bias"]
+  names = [k for k in GRAD_NAMES if k in x]
+  config = PallasConfig(chunk=4, block_d=4, bwd_block_d=2)
+
+  def loss(backend, *args):
+    kw = dict(zip(names, args))
+    h0 = kw.pop("initial_state")
+    y, h = selective_scan(**kw, delta_softplus=softplus, reverse=True, initial_state=h0,
+                          return_final_state=True, backend=backend)
+    return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2), (y, h)
+
+  def pallas(*args):
+    kw = dict(zip(names, args))
+    h0 = kw.pop("initial_state")
+    y, h = selective_scan_pallas(**kw, delta_softplus=softplus, reverse=True, initial_state=h0,
+                                 return_final_state=True, config=config)
+    return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2), (y, h)
+
+  grad = lambda f: jax.grad(f, argnums=tuple(range(len(names))), has_aux=True)
+  args = [jnp.asarray(x[k], jnp.float32) for k in names]
+  got = jax.jit(grad(pallas)).lower(*args).compile(FAST_COMPILE)(*args)
+  with x64():
+    args64 = [jnp.asarray(x[k], jnp.float64) for k in names]
+    want = jax.jit(grad(lambda *a: loss("reference", *a)))(*args64)
+  for name, g, w in zip(names, got[0], want[0]):
+    assert rel_err(g, w) <= 1e-5, name
+  assert rel_err(got[1][0], want[1][0]) <= 1e-5 and rel_err(got[1][1], want[1][1]) <= 1e-5
+
+
 def test_float64_inputs_keep_a_float64_state():
   with x64():
     x = make_inputs(3, 1, 6, 4, 3, 2, h0=True, dtype=np.float64)

@@ -54,6 +54,7 @@ def run_variant(key: str, args) -> dict:
   from vidssm_jax import masking
   from vidssm_jax.bench.scan import median_ms
   from vidssm_jax.models import create_model
+  from vidssm_jax.train.sharding import fast_init_rng
 
   dtype = jnp.dtype(args.dtype or ("float32" if args.tiny else "bfloat16"))
   overrides = dict(VARIANTS[key][1], dtype=dtype, mask_kind="stc", mask_ratio=RATIO, **CHAINS,
@@ -72,7 +73,8 @@ def run_variant(key: str, args) -> dict:
   # bench runs, and compiling dominates its time.
   options = {"xla_backend_optimization_level": 0} if args.tiny else None
   init = lambda k: nn.meta.unbox(model.init(k, video, mask0, method="pretrain_loss"))["params"]
-  params = jax.jit(init).lower(jax.random.key(1)).compile(options)(jax.random.key(1))
+  with fast_init_rng():
+    params = jax.jit(init).lower(jax.random.key(1)).compile(options)(jax.random.key(1))
   tx = optax.adamw(1e-4, weight_decay=0.05)
 
   def step(params, opt_state, video, rng):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidssm_jax.models import create_model
+from vidssm_jax.train.sharding import fast_init_rng
 
 PAPER_FPS = 47.0  # EndoMamba's reported streaming speed
 
@@ -74,7 +75,8 @@ def bench_window(model, variables, memory: int, *, repeats: int, warmup: int) ->
 
 
 def _init(model, size):
-  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1, size, size, 3)))
+  with fast_init_rng():
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1, size, size, 3)))
 
 
 def main(argv=None) -> dict:

@@ -34,6 +34,7 @@ import optax
 from vidssm_jax import masking
 from vidssm_jax.bench.scan import median_ms
 from vidssm_jax.models import create_model
+from vidssm_jax.train.sharding import fast_init_rng
 from vidssm_jax.train.state import count_params
 
 MODELS = ("endomamba_s+teacher", "endomamba_s", "evim3_p4", "evim3_p8", "vit_s")
@@ -76,7 +77,8 @@ def _loss_fn(name: str, model, teacher, b: int):
     if teacher is not None:
       feats = jax.lax.stop_gradient(teacher.apply({"params": tp}, v))
       kwargs = dict(teacher_features=feats.reshape(b, -1, feats.shape[-1]), alpha=0.25)
-    return model.apply({"params": p}, v, draw(r), method="pretrain_loss", **kwargs)[0]
+    return model.apply({"params": p}, v, draw(r), method="pretrain_loss", rngs={"dropout": r},
+                       **kwargs)[0]
 
   return loss, draw
 
@@ -84,9 +86,10 @@ def _loss_fn(name: str, model, teacher, b: int):
 def _init(module, *args, **kwargs):
   """Jitted init; returns (params, seconds)."""
   start = time.perf_counter()
-  params = jax.jit(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs))
-                   ["params"])()
-  jax.block_until_ready(params)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(3)}
+  with fast_init_rng():
+    params = jax.jit(lambda: nn.meta.unbox(module.init(rngs, *args, **kwargs))["params"])()
+    jax.block_until_ready(params)
   return params, time.perf_counter() - start
 
 

@@ -32,8 +32,8 @@ from vidssm_jax.train import finetune as ft
 from vidssm_jax.train import pretrain as pt
 from vidssm_jax.train.checkpoint import Checkpointer
 from vidssm_jax.train.loop import MetricWriter, run_loop
-from vidssm_jax.train.sharding import (batch_sharding, check_batch_size, make_mesh, replicated,
-                                       tree_shardings, under_mesh)
+from vidssm_jax.train.sharding import (batch_sharding, check_batch_size, fast_init_rng,
+                                       make_mesh, replicated, tree_shardings, under_mesh)
 from vidssm_jax.train.state import TrainState, count_params, create_state, make_optimizer
 
 STAGES = ("pretrain", "finetune", "evaluate")
@@ -162,8 +162,9 @@ def init_state(model, init_args, *, method, optim_config, total_steps, mesh, rng
                                  param_sh, transform_non_params=lambda _: replicated(mesh))
   shardings = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh,
                          ema_params=param_sh if use_ema else None, tx=tx)
-  state = jax.jit(lambda: create_state(nn.meta.unbox(init()), tx, use_ema=use_ema),
-                  out_shardings=shardings)()
+  with fast_init_rng():
+    state = jax.jit(lambda: create_state(nn.meta.unbox(init()), tx, use_ema=use_ema),
+                    out_shardings=shardings)()
   return state, shardings
 
 
@@ -216,9 +217,10 @@ def build_teacher(config, mesh, batch_size):
     ckpt.close()
     params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), restored, shardings)
   else:
-    params = jax.jit(lambda: nn.meta.unbox(teacher.init(jax.random.key(config.seed + 7),
-                                                        video)["params"]),
-                     out_shardings=shardings)()
+    with fast_init_rng():
+      params = jax.jit(lambda: nn.meta.unbox(teacher.init(jax.random.key(config.seed + 7),
+                                                          video)["params"]),
+                       out_shardings=shardings)()
   return teacher, params
 
 
@@ -283,6 +285,12 @@ def _transfer_pretrained(config, workdir, model, params):
   if not copied:
     raise ConfigError(f"pretrained params from {ckpt_dir} have no {key!r} subtree")
   for k in copied:
+    adapt = getattr(getattr(model, k, None), "adapt_pretrained", None)
+    if adapt is not None:  # the subtree's module says how a pretraining checkpoint maps onto it
+      pretrained[k], kept = adapt(pretrained[k], params[k])
+      if kept:
+        print(f"finetune: {k}: {', '.join(kept)} not in the pretraining checkpoint (or another "
+              "shape); kept at init")
     want = jax.tree.map(lambda x: x.shape, params[k])
     got = jax.tree.map(lambda x: x.shape, pretrained[k])
     if want != got:

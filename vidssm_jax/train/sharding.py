@@ -8,6 +8,8 @@ a name has no rule, or where the mesh axis does not divide the dimension).
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from typing import Any
 
@@ -114,6 +116,24 @@ def under_mesh(fn, mesh: Mesh):
       return fn(*args, **kwargs)
 
   return wrapped
+
+
+@contextlib.contextmanager
+def fast_init_rng():
+  """Lower threefry as one GPU kernel per draw while a jitted init is traced and compiled.
+
+  XLA compiles the unrolled threefry HLO of every parameter's draw slowly: E-ViM³-p4's jitted
+  init took 17.9 s to compile on an H200, and 1.2 s with the kernel lowering, which draws the
+  same bits (jax's ``jax_threefry_gpu_kernel_lowering``; no effect off GPU). Kept to init: XLA
+  cannot partition the kernel, so sharded draws inside a training step keep the HLO lowering.
+  """
+  flag = "jax_threefry_gpu_kernel_lowering"
+  before = getattr(jax.config, flag)
+  jax.config.update(flag, True)
+  try:
+    yield
+  finally:
+    jax.config.update(flag, before)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
