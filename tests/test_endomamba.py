@@ -378,3 +378,19 @@ def test_pretrainer_inits_from_an_all_visible_placeholder_mask():
   assert set(params) == {"backbone", "decoder"}
   with pytest.raises(ValueError, match="hides \\[0\\] patches per frame"):
     model.apply({"params": params}, video, mask0, method="pretrain_loss", train=False)
+
+
+def test_fine_tuning_loads_a_pretraining_backbone_as_the_release():
+  """The pretraining encoder (no cls token, n position embeddings) into a fine-tuning backbone
+  with a cls token: every other leaf copied, cls_token and pos_embed kept at init."""
+  video = jnp.zeros((1, 1, 32, 32, 3))
+  pre = create_model("endomamba_tiny_pretrain", **PCFG).backbone
+  fine = create_model("endomamba_tiny", **PCFG)
+  old = nn.meta.unbox(jax.jit(pre.init)(jax.random.key(0), video))["params"]
+  new = nn.meta.unbox(jax.jit(fine.init)(jax.random.key(1), video))["params"]
+  params, kept = fine.adapt_pretrained(old, new)
+  assert sorted(kept) == ["cls_token", "pos_embed"]
+  np.testing.assert_array_equal(params["pos_embed"], new["pos_embed"])
+  np.testing.assert_array_equal(params["temporal_blocks"]["mixer"]["in_proj"]["kernel"],
+                                old["temporal_blocks"]["mixer"]["in_proj"]["kernel"])
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, new)

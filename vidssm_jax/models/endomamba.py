@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from vidssm_jax.models.registry import register
 from vidssm_jax.models.vit import ViTStack, vit_layer_norm
@@ -224,6 +225,25 @@ class EndoMamba(nn.Module):
   def layer_groups(self) -> dict:
     """Scanned stacks and the global index of their first block (for layer-wise lr decay)."""
     return {("spatial_blocks",): 0, ("temporal_blocks",): self.n_spatial}
+
+  def adapt_pretrained(self, pretrained: dict, params: dict):
+    """Backbone params for fine-tuning from a pretraining checkpoint's backbone, as the
+    release loads one (video_sm/models/endomamba.py:load_state_dict): every leaf of ``params``
+    (this model's initial params) whose path exists in ``pretrained`` with the same shape is
+    copied; the others keep their init. Its pretraining encoder has no cls token and 196
+    position embeddings, so a fine-tuning model with a cls token keeps its initial ``cls_token``
+    and ``pos_embed``. Returns ``(params, kept)``, ``kept`` the ``/``-joined paths not copied."""
+    flat_init = traverse_util.flatten_dict(params)
+    flat_old = traverse_util.flatten_dict(pretrained)
+    out, kept = {}, []
+    for path, new in flat_init.items():
+      old = flat_old.get(path)
+      if old is not None and tuple(np.shape(old)) == tuple(np.shape(new)):
+        out[path] = old
+      else:
+        out[path] = new
+        kept.append("/".join(path))
+    return traverse_util.unflatten_dict(out), kept
 
   def drop_rates(self) -> np.ndarray:
     """Stochastic depth as the release: block i drops the previous block's output at rate
