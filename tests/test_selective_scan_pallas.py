@@ -117,30 +117,31 @@ def test_public_entry_without_softplus_or_extras_and_undifferentiated():
   assert rel_err(y, ref) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
 
 
-@pytest.mark.parametrize("softplus,bias", [(True, True), (False, False), (False, True)],
-                         ids=["softplus-padded", "nobias-padded", "bias-tail"])
-def test_lengths_off_the_chunk_padded_or_tailed(softplus, bias):
-  # l = 11 with chunk 4: padded with identity steps (dt = 0) unless delta has a bias and no
-  # softplus, where the kernels run their unrolled tail chunk. Forward and every gradient
+@pytest.mark.parametrize("softplus,bias,reverse", [
+    (True, True, True), (True, True, False), (False, False, False), (False, True, True)],
+    ids=["softplus-padded-reverse", "softplus-padded", "nobias-padded", "bias-tail-reverse"])
+def test_lengths_off_the_chunk_padded_or_tailed(softplus, bias, reverse):
+  # l = 11 with chunk 4 and pad_min_length 0: padded with identity steps (dt = 0) unless delta
+  # has a bias and no softplus, where the kernels run their unrolled tail chunk. Forward and every gradient
   # against the float64 lax.scan reference backend.
   x = make_inputs(7, 2, 11, 8, 4, 2, h0=True)
   x["delta"] = np.abs(x["delta"])
   if not bias:
     del x["delta_bias"]
   names = [k for k in GRAD_NAMES if k in x]
-  config = PallasConfig(chunk=4, block_d=4, bwd_block_d=2)
+  config = PallasConfig(chunk=4, block_d=4, bwd_block_d=2, pad_min_length=0)
 
   def loss(backend, *args):
     kw = dict(zip(names, args))
     h0 = kw.pop("initial_state")
-    y, h = selective_scan(**kw, delta_softplus=softplus, reverse=True, initial_state=h0,
+    y, h = selective_scan(**kw, delta_softplus=softplus, reverse=reverse, initial_state=h0,
                           return_final_state=True, backend=backend)
     return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2), (y, h)
 
   def pallas(*args):
     kw = dict(zip(names, args))
     h0 = kw.pop("initial_state")
-    y, h = selective_scan_pallas(**kw, delta_softplus=softplus, reverse=True, initial_state=h0,
+    y, h = selective_scan_pallas(**kw, delta_softplus=softplus, reverse=reverse, initial_state=h0,
                                  return_final_state=True, config=config)
     return jnp.sum(y * jnp.cos(y)) + jnp.sum(h ** 2), (y, h)
 
@@ -202,6 +203,7 @@ def test_registry_runs_pallas_on_cpu_only_when_asked():
     (dict(block_d=24), r"PallasConfig.block_d must be a power of two, got 24"),
     (dict(chunk=0), r"PallasConfig.chunk must be a power of two, got 0"),
     (dict(num_warps=0), r"PallasConfig.num_warps must be a positive int, got 0"),
+    (dict(pad_min_length=-1), r"PallasConfig.pad_min_length must be an int >= 0, got -1"),
 ])
 def test_config_rejects_bad_values(value, pattern):
   with pytest.raises(ValueError, match=pattern):
