@@ -86,7 +86,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 
 
 def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 0,
-                static_broadcast: tuple = (), axis_name: str = "layers"):
+                static_broadcast: tuple = ()):
   """``nn.scan`` of the module class ``body`` over ``length`` layers with stacked parameters.
 
   ``body.__call__(self, carry, xs, *broadcast) -> (carry, ys)``: ``xs`` and ``ys`` have a
@@ -105,4 +105,4 @@ def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 
                     static_argnums=tuple(3 + i for i in static_broadcast))
   return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
-                 metadata_params={nn.PARTITION_NAME: axis_name})
+                 metadata_params={nn.PARTITION_NAME: "layers"})
