@@ -9,3 +9,4 @@ __all__ = ["create_model", "list_models", "register"]
 
 from vidssm_jax.models import endomamba, vit  # noqa: F401,E402  (registers the presets)
 from vidssm_jax.models import evim3  # noqa: F401,E402  (registers the E-ViM³ presets)
+from vidssm_jax.models import videomamba  # noqa: F401,E402  (registers the VideoMamba presets)
