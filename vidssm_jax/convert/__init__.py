@@ -60,6 +60,7 @@ SOURCES = {
     "evim3_pretrain": "vidssm_jax.convert.evim3:pretrain_recipe",
     "endomamba": "vidssm_jax.convert.endomamba:backbone_recipe",
     "endomamba_pretrain": "vidssm_jax.convert.endomamba:pretrain_recipe",
+    "videomamba": "vidssm_jax.convert.videomamba:recipe",
 }
 STRIPPED_PREFIXES = ("module.", "model.")
 
