@@ -21,8 +21,8 @@ from vidssm_jax.train.state import create_state, decay_mask, layer_ids, make_opt
 # 4 frames of 16 × 16 grey, tubelet 2×4×4 -> tokens (2, 4, 4), enlarged (5, 7, 7) = 245 positions.
 # STC chains 2×2×2 at 0.5: 2 of 4 chains masked = 16 tokens, so V = 245 - 16 = 229.
 CFG = dict(img_size=16, num_frames=4, in_chans=1, patch=4, tubelet=2, dim=16, depth=2, d_state=4,
-           expand=2, decoder_depth=0, decoder_dim=16, pool="egt", mask_kind="stc",
-           mask_ratio=0.5, time_chain=2, space_chain=2, scan_backend="reference")
+           expand=2, decoder_depth=0, decoder_dim=16, pool="egt", head_hidden=None, head_layers=1,
+           mask_kind="stc", mask_ratio=0.5, time_chain=2, space_chain=2, scan_backend="reference")
 MASK = dict(kind="stc", time_chain=2, space_chain=2)
 B, D = 2, 16
 # Compile time dominates on CPU; these programs are tiny, so skip XLA's backend optimisations.
@@ -84,7 +84,7 @@ def tiny():
   mask = masking.batched_mask(jax.random.key(1), B, model.token_grid, 0.5, **MASK)
   params = init_params(model, video, mask, jax.random.key(2))
   pretrain = lambda mod, v, m: (mod.encode_visible(v, m), mod.pretrain_loss(v, m),
-                                mod.reconstruct(v, m))
+                                mod.reconstruct(v, m), mod.encode_visible(v, m, norm=False)[0])
   run = compiled(lambda p, v, m: model.apply({"params": p}, v, m, method=pretrain),
                  params, video, mask)
   return model, params, video, mask, run
@@ -147,7 +147,7 @@ def test_mae_encoder_equals_an_independent_numpy_driven_path(tiny):
   """Each of the 12 layers: np.transpose the enlarged volume to the layer's order, drop hidden
   positions with boolean indexing, (flip,) run that one layer, put the result back."""
   model, params, video, mask, run = tiny
-  (feats, positions), _, _ = run(params, video, mask)
+  (feats, positions), _, _, _ = run(params, video, mask)
   lay = model.layout
   vol = model.apply({"params": params}, video,
                     method=lambda mod, v: mod.encoder.embed_volume(mod._patches(v)))
@@ -240,15 +240,37 @@ def test_egt_head_reads_where_the_register_planes_meet(tiny, ratio0):
     assert rel_err(got, flat[:, positions].mean(1)) <= 1e-6, pool
 
 
+def test_release_head_concatenates_the_27_normalised_tokens(ratio0):
+  """pool="egt_concat" (the release): the 27 plane-intersection tokens (normalised by norm_f),
+  concatenated in LHW order -> fc1 + SiLU -> (head_layers - 1) Linear + SiLU -> fc, whose bias
+  starts at head_bias_init."""
+  model, (_, full, _) = ratio0
+  release = create_model("evim3_tiny", **{**CFG, "pool": "egt_concat", "head_hidden": 8,
+                                          "head_layers": 3, "head_bias_init": 55.777})
+  flat = full.reshape(B, -1, D)
+  run = lambda mod, x: mod.head(mod.pool_features(x))
+  variables = release.init(jax.random.key(4), flat, method=run)
+  out = release.apply(variables, flat, method=run)
+  h = nn.meta.unbox(variables["params"])["head"]
+  assert set(h) == {"fc1", "mlp_0", "mlp_1", "fc"} and h["fc"]["bias"][0] == np.float32(55.777)
+  pl, ph, pw = model.layout.planes
+  x = np.asarray(full)[:, pl][:, :, ph][:, :, :, pw].reshape(B, 27 * D)
+  for name in ("fc1", "mlp_0", "mlp_1"):
+    x = x @ np.asarray(h[name]["kernel"]) + np.asarray(h[name]["bias"])
+    x = x / (1 + np.exp(-x))
+  expected = x @ np.asarray(h["fc"]["kernel"]) + np.asarray(h["fc"]["bias"])
+  assert out.shape == (B, 1) and rel_err(out, expected) <= 1e-5
+
+
 # ---- decoder, loss, reconstruction ------------------------------------------------------------
 
 
 def test_decoder_loss_and_reconstruction(tiny):
   """With decoder_depth=0 the decoder is per token: encoder output (or the mask token) + decoder
   position embedding -> LayerNorm -> pixels; checked against NumPy, as are the loss and the
-  reconstruction."""
+  reconstruction. No LayerNorm between encoder and decoder (the release)."""
   model, params, video, mask, run = tiny
-  (feats, positions), (loss, aux), recon = run(params, video, mask)
+  (_, positions), (loss, aux), recon, feats = run(params, video, mask)
   lay, d = model.layout, params["decoder"]
   vol = np.broadcast_to(np.asarray(d["mask_token"]), (B, lay.num_positions, D)).copy()
   for b in range(B):  # scatter the encoder output back, in NumPy
@@ -312,8 +334,12 @@ def test_parameter_trees_follow_the_trainer_contract(tiny):
   fine = nn.meta.unbox(jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video))
   assert set(pre["params"]) == {"encoder", "decoder"} and set(fine["params"]) == {"encoder", "head"}
   shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
-  assert shapes(pre["params"]["encoder"]) == shapes(fine["params"]["encoder"])
+  # Fine-tuning adds the per-token LayerNorm the release keeps outside its pretraining model.
+  fine_enc = dict(fine["params"]["encoder"])
+  fine_enc.pop("norm_f")
+  assert shapes(pre["params"]["encoder"]) == shapes(fine_enc)
   ours = {k: v for k, v in tiny[1].items() if k != "head"}  # the fixture's hand-made tree
+  ours["encoder"] = {k: v for k, v in ours["encoder"].items() if k != "norm_f"}
   assert shapes(pre["params"]) == shapes(ours)
   enc = fine["params"]["encoder"]
   assert set(enc) == {"patch_embed", "face_tokens", "edge_tokens", "corner_tokens",
@@ -354,6 +380,7 @@ def test_a_pretraining_step_through_the_trainer_learns(tiny):
   model = create_model("evim3_tiny", **{**CFG, "depth": 1, "decoder_depth": 1})
   params = init_params(model, video, mask, jax.random.key(3))
   params.pop("head")
+  params["encoder"].pop("norm_f")  # not in the pretraining model (pretrain_norm=False)
   optim = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=0, weight_decay=0.05, clip_norm=1.0))
   tx, _ = make_optimizer(optim, params, total_steps=100)
   state = create_state(params, tx, use_ema=False)

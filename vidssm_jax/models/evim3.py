@@ -10,17 +10,20 @@ Data flow for ``video: (b, t, H, W, C)`` with tubelet ``(tubelet, patch, patch)`
     + pos         factorised learned embeddings, one per axis, summed
     blocks        Mamba-3D: six pre-norm residual Mamba layers scanning HWL, rev HWL, LWH, rev LWH,
                   LHW, rev LHW; the tokens are permuted between layers
-    norm_f        LayerNorm -> features (b, L+, H+, W+, dim)
-    head          pool="egt": mean of the global tokens where the register planes meet (the
-                  paper's); "egt_all": mean of all global tokens (the release's "enclosure
-                  mean"); "mean": mean of the real tokens -> MLP -> (b, num_outputs)
+    norm_f        LayerNorm per token -> features (b, L+, H+, W+, dim)
+    head          pool="egt_concat" (the release): the (r+2)³ = 27 global tokens where the
+                  register planes meet, concatenated (27·dim); "egt": their mean (the paper's
+                  text); "egt_all": mean of all global tokens (the release's "enclosure mean");
+                  "mean": mean of the real tokens -> fc1 (-> head_hidden) + SiLU -> head_layers - 1
+                  more Linear + SiLU -> fc -> (b, num_outputs)
 
 Pretraining (``pretrain_loss``): a mask ``(b, L', H', W')`` hides real tokens (global tokens are
 always visible). The MAE encoder embeds only the visible tokens of the enlarged volume, listed in
 HWL order, and moves them between the scan orders with per-example gather indices (see
 ``vidssm_jax.masking``); it never scatters back to the full volume. The decoder places the
 encoder output back into the volume, fills masked real positions with a mask token, adds its own
-position embeddings, runs ``decoder_depth`` Mamba-3D blocks, a LayerNorm and a linear map to the
+position embeddings (no LayerNorm between encoder and decoder, as the release; ``pretrain_norm``
+applies ``norm_f`` first, ours), runs ``decoder_depth`` Mamba-3D blocks, a LayerNorm and a linear map to the
 ``P`` pixels of every real token; the loss is the MSE on the masked patches' pixels.
 
 Layout (``enclosure_layout``): along an axis of enlarged size ``S = n + r + 2`` the global planes
@@ -58,7 +61,7 @@ Dtype = Any
 REAL, FACE, EDGE, CORNER, REGISTER = 0, 1, 2, 3, 4
 NUM_FACES, NUM_EDGES, NUM_CORNERS = 6, 12, 8
 # The six layers of a Mamba-3D block: (scan order, reversed).
-POOLS = ("egt", "egt_all", "mean")
+POOLS = ("egt_concat", "egt", "egt_all", "mean")
 LAYER_ORDERS = (("hwl", False), ("hwl", True), ("lwh", False), ("lwh", True), ("lhw", False),
                 ("lhw", True))
 
@@ -466,20 +469,23 @@ class EViM3Encoder(_VolumeModule):
     """The whole enlarged volume before the blocks: ``(b, N, dim)`` float32 in LHW order."""
     return self.embed(patches, np.arange(self.layout.num_positions, dtype=np.int32))
 
-  def encode_full(self, patches: Array, hidden: Optional[Array] = None, *, train: bool = False):
-    """Full-volume encoder: ``patches (b, n_real, P)`` -> ``(b, N, dim)`` in LHW order."""
+  def encode_full(self, patches: Array, hidden: Optional[Array] = None, *, train: bool = False,
+                  norm: bool = True):
+    """Full-volume encoder: ``patches (b, n_real, P)`` -> ``(b, N, dim)`` in LHW order (after
+    ``norm_f`` unless ``norm=False``)."""
     reversed_lhw = np.arange(self.layout.num_positions, dtype=np.int32)[::-1].copy()
-    x = self.embed(patches, reversed_lhw, hidden)
-    return self.norm_f(self.stack(x, None, train=train))
+    x = self.stack(self.embed(patches, reversed_lhw, hidden), None, train=train)
+    return self.norm_f(x) if norm else x
 
   def encode_visible(self, patches: Array, visible: Array, num_visible: int, *,
-                     train: bool = False):
+                     train: bool = False, norm: bool = True):
     """MAE encoder on the visible tokens of the enlarged volume only.
 
     Args:
       patches: ``(b, n_real, P)``.
       visible: bool ``(b, L+, H+, W+)``: visible real tokens and every global token.
       num_visible: the static number ``V`` of visible positions per example.
+      norm: apply ``norm_f`` to the features.
 
     Returns:
       ``(features (b, V, dim), positions (b, V))``: features listed in LHW order, and their flat
@@ -488,7 +494,7 @@ class EViM3Encoder(_VolumeModule):
     indices, perms = masking.scan_transforms(visible, num_visible, with_inverse=True)
     x = self.embed(patches, jnp.flip(indices["lhw"], axis=1))
     x = self.stack(x, gather_indices(perms, num_visible), train=train)
-    return self.norm_f(x), indices["lhw"]
+    return (self.norm_f(x) if norm else x), indices["lhw"]
 
 
 class EViM3Decoder(_VolumeModule):
@@ -552,11 +558,16 @@ class EViM3Decoder(_VolumeModule):
 
 
 class EViM3Head(nn.Module):
-  """``pooled (b, dim) -> (b, num_outputs)`` float32: Dense + SiLU (as the release's final MLP),
-  then the output layer ``fc``; ``hidden=0`` leaves out the MLP."""
+  """``pooled (b, F) -> (b, num_outputs)`` float32, an MLP with SiLU between its layers:
+  ``fc1`` (F -> hidden, the release's ``final.final_linear``), ``mlp_0 .. mlp_{layers-2}``
+  (hidden -> hidden) and ``fc`` (-> num_outputs, bias initialised to ``bias_init``). The
+  release's EF head is ``hidden=512, layers=3`` with ``bias_init`` the training set's mean EF;
+  ``hidden=0`` is a linear head (``fc`` only)."""
 
   num_outputs: int = 1
-  hidden: int = 192
+  hidden: int = 512
+  layers: int = 3
+  bias_init: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -565,20 +576,26 @@ class EViM3Head(nn.Module):
     # between clips at initialisation, and a 0.02-scaled head barely sees them.
     init = partitioned(torch_linear_init(), "embed", None)
     bias = partitioned(nn.initializers.zeros, None)
+    dense = lambda n, name, b=bias: nn.Dense(n, dtype=self.dtype, name=name, kernel_init=init,
+                                             bias_init=b)
     if self.hidden:
-      x = nn.silu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1", kernel_init=init,
-                           bias_init=bias)(x))
-    x = nn.Dense(self.num_outputs, dtype=self.dtype, name="fc", kernel_init=init,
-                 bias_init=bias)(x)
-    return x.astype(jnp.float32)
+      x = nn.silu(dense(self.hidden, "fc1")(x))
+      for k in range(self.layers - 1):
+        x = nn.silu(dense(self.hidden, f"mlp_{k}")(x))
+    out_bias = partitioned(nn.initializers.constant(self.bias_init), None)
+    return dense(self.num_outputs, "fc", out_bias)(x).astype(jnp.float32)
 
 
 class EViM3(nn.Module):
   """E-ViM³: one module for pretraining (``pretrain_loss``, ``reconstruct``) and fine-tuning
   (``__call__``).
 
-  Parameter tree: ``encoder`` (``EViM3Encoder``) in both; ``decoder`` (``EViM3Decoder``) when
-  initialised through ``pretrain_loss``; ``head`` (``EViM3Head``) through ``__call__``.
+  Parameter tree: ``encoder`` (``EViM3Encoder``) in both, its ``norm_f`` only where it is used
+  (fine-tuning, or pretraining with ``pretrain_norm``); ``decoder`` (``EViM3Decoder``) when
+  initialised through ``pretrain_loss``; ``head`` (``EViM3Head``) through ``__call__``. The
+  defaults are the release's (p4: 12,279,617 parameters fine-tuning, 12,146,912 pretraining:
+  the release's 12,147,104 less its encoder mask token, which the visible-token encoder never
+  reads).
 
   The pretraining mask's kind and ratio are fields, because the visible-token encoder needs the
   number of visible tokens as a static shape: ``mask_kind``, ``mask_ratio``, ``time_chain``,
@@ -600,9 +617,16 @@ class EViM3(nn.Module):
   use_egt: bool = True  # False: no enclosure, no global tokens (ablation; needs pool="mean")
   decoder_dim: Optional[int] = None  # default: the encoder width, as the release
   decoder_depth: int = 2  # 0: a per-token decoder (tests only: the encoder then learns nothing)
-  pool: str = "egt"  # "egt": where the register planes meet; "egt_all": all global; "mean": real
+  # Head input: "egt_concat" the 27 tokens where the register planes meet, each normalised,
+  # concatenated (the release); "egt" their mean (ours, the paper's text); "egt_all" the mean of
+  # all global tokens; "mean" the mean of the real tokens.
+  pool: str = "egt_concat"
   num_outputs: int = 1
-  head_hidden: Optional[int] = None  # width of the head's MLP (default dim; 0: linear head)
+  head_hidden: Optional[int] = 512  # the head MLP's width (the release's final_dim; None: dim;
+  #                                   0: a linear head)
+  head_layers: int = 3  # Linear layers after fc1 (the release's EF head: 3, the last is fc)
+  head_bias_init: float = 0.0  # initial bias of the output (the release: the training mean EF)
+  pretrain_norm: bool = False  # ours: norm_f between encoder and decoder (the release has none)
   drop_path_rate: float = 0.0
   norm_eps: float = 1e-5
   mask_kind: str = "stc"
@@ -690,6 +714,8 @@ class EViM3(nn.Module):
                        f"{self.decoder_depth} >= 0")
     if self.num_outputs < 1:
       raise ValueError(f"EViM3: num_outputs={self.num_outputs} must be >= 1")
+    if self.head_layers < 1:
+      raise ValueError(f"EViM3: head_layers={self.head_layers} must be >= 1")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"EViM3: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     self.layout  # noqa: B018  (validates the grid)
@@ -706,7 +732,8 @@ class EViM3(nn.Module):
     self.decoder = EViM3Decoder(enc_dim=self.dim, dim=self.decoder_dim or self.dim,
                                 depth=self.decoder_depth, out_dim=self.patch_dim, **geo, **mamba)
     hidden = self.dim if self.head_hidden is None else self.head_hidden
-    self.head = EViM3Head(num_outputs=self.num_outputs, hidden=hidden, dtype=self.dtype)
+    self.head = EViM3Head(num_outputs=self.num_outputs, hidden=hidden, layers=self.head_layers,
+                          bias_init=self.head_bias_init, dtype=self.dtype)
 
   # ---- checks ---------------------------------------------------------------------------------
 
@@ -760,21 +787,26 @@ class EViM3(nn.Module):
                                                                  train=train)))
 
   def pool_features(self, features: Array) -> Array:
-    """``features (b, N, dim)`` of the enlarged volume (LHW order) -> ``(b, dim)`` float32, their
-    mean over the ``pool`` positions."""
+    """``features (b, N, dim)`` of the enlarged volume (LHW order) -> float32 ``(b, dim)``, their
+    mean over the ``pool`` positions, or ``(b, 27·dim)`` for ``"egt_concat"`` (the tokens in LHW
+    order, W fastest, as the release flattens them)."""
     lay = self.layout
-    where = {"egt": lay.pool_positions, "egt_all": lay.global_positions,
-             "mean": lay.real_positions}[self.pool]
-    return jnp.mean(jnp.take(features, where, axis=1).astype(jnp.float32), axis=1)
+    where = {"egt_concat": lay.pool_positions, "egt": lay.pool_positions,
+             "egt_all": lay.global_positions, "mean": lay.real_positions}[self.pool]
+    picked = jnp.take(features, where, axis=1).astype(jnp.float32)
+    if self.pool == "egt_concat":
+      return picked.reshape(picked.shape[0], -1)
+    return jnp.mean(picked, axis=1)
 
-  def encode_visible(self, video: Array, mask: Array, *, train: bool = False):
+  def encode_visible(self, video: Array, mask: Array, *, train: bool = False, norm: bool = True):
     """MAE encoder: ``video`` and ``mask`` bool ``(b, L', H', W')`` (True = masked, exactly
     ``num_masked`` per example) -> ``(features (b, V, dim), positions (b, V))``, the visible
-    tokens (real visible + all global) in LHW order and their flat enlarged-volume positions."""
+    tokens (real visible + all global) in LHW order and their flat enlarged-volume positions
+    (after ``norm_f`` unless ``norm=False``, what the release's decoder reads)."""
     patches = self._patches(video)
     self._check_mask(mask, video.shape[0], check_count=True)
     return self.encoder.encode_visible(patches, self._visible_volume(mask), self.num_visible,
-                                       train=train)
+                                       train=train, norm=norm)
 
   def _predict(self, video: Array, mask: Array, train: bool):
     """Decoder predictions ``(b, n_real, P)`` float32, the patches and the flat real mask."""
@@ -784,12 +816,14 @@ class EViM3(nn.Module):
     hidden_real = mask.reshape(b, -1)
     visible = self._visible_volume(mask)
     masked_full = ~visible.reshape(b, -1)
+    norm = self.pretrain_norm
     if self.visible_only:
-      feats, _ = self.encoder.encode_visible(patches, visible, self.num_visible, train=train)
+      feats, _ = self.encoder.encode_visible(patches, visible, self.num_visible, train=train,
+                                             norm=norm)
       source = masking.visible_ranks(visible, "lhw")  # position -> index in the LHW list
       pred = self.decoder(feats, source, masked_full, train=train)
     else:
-      feats = self.encoder.encode_full(patches, hidden_real, train=train)
+      feats = self.encoder.encode_full(patches, hidden_real, train=train, norm=norm)
       pred = self.decoder(feats, None, masked_full, train=train)
     return pred, patches, hidden_real
 
@@ -835,8 +869,10 @@ PRESETS = {
     # Its head averages all global tokens (ours): in a few hundred steps from scratch the 27
     # plane intersections, deep inside runs of global tokens in every scan order, hardly hear
     # the clip (fine-tuning loss on EF did not move in 200 steps; with "egt_all" it fell).
+    # Its head is one dim-wide hidden layer (ours), not the release's 512-wide three.
     "tiny": dict(img_size=32, num_frames=16, in_chans=1, patch=4, tubelet=4, dim=32, depth=1,
-                 decoder_depth=1, decoder_dim=16, d_state=4, expand=1, pool="egt_all"),
+                 decoder_depth=1, decoder_dim=16, d_state=4, expand=1, pool="egt_all",
+                 head_hidden=None, head_layers=1),
     # The paper's echo model: 64 × 112 × 112 grey, tubelet 2×4×4 -> 32 × 28 × 28 tokens.
     "p4": dict(img_size=112, num_frames=64, in_chans=1, patch=4, tubelet=2, dim=192, depth=6,
                decoder_depth=2),

@@ -265,6 +265,17 @@ def run_pretrain(config, workdir: str):
   return state, status
 
 
+def _with_missing_from(pretrained: dict, init: dict):
+  """``pretrained`` completed with the leaves of ``init`` it lacks; returns ``(tree, the paths
+  taken from init)``."""
+  from flax import traverse_util
+
+  flat, fresh = traverse_util.flatten_dict(pretrained), traverse_util.flatten_dict(init)
+  kept = sorted("/".join(path) for path in fresh if path not in flat)
+  flat.update({path: v for path, v in fresh.items() if path not in flat})
+  return traverse_util.unflatten_dict(flat), kept
+
+
 def _transfer_pretrained(config, workdir, model, params):
   """Copies the model's ``transfer_subtree`` from the pretraining checkpoint into ``params``."""
   src = config.finetune.init_from
@@ -288,9 +299,11 @@ def _transfer_pretrained(config, workdir, model, params):
     adapt = getattr(getattr(model, k, None), "adapt_pretrained", None)
     if adapt is not None:  # the subtree's module says how a pretraining checkpoint maps onto it
       pretrained[k], kept = adapt(pretrained[k], params[k])
-      if kept:
-        print(f"finetune: {k}: {', '.join(kept)} not in the pretraining checkpoint (or another "
-              "shape); kept at init")
+    else:  # leaves only fine-tuning has (E-ViM³'s norm_f, as the release) keep their init
+      pretrained[k], kept = _with_missing_from(pretrained[k], params[k])
+    if kept:
+      print(f"finetune: {k}: {', '.join(kept)} not in the pretraining checkpoint (or another "
+            "shape); kept at init")
     want = jax.tree.map(lambda x: x.shape, params[k])
     got = jax.tree.map(lambda x: x.shape, pretrained[k])
     if want != got:
