@@ -263,8 +263,11 @@ def read_state_dict(path: str) -> dict:
                        "pip install safetensors") from None
     return dict(load_file(path))
   if ext == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+      raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
   raise ValueError(f"{path}: unknown checkpoint format {ext!r} (expected .pth, .pt, "
                    ".safetensors or .npz)")
 
