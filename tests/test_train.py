@@ -246,3 +246,45 @@ def test_scan_backend_and_remat_come_from_the_config():
     config.model.remat = "some"
     with pytest.raises(experiment.ConfigError, match="model.remat 'some' is not one of"):
       experiment.build_model(config, "finetune")
+
+
+def test_weight_decay_rules_on_real_parameter_trees():
+  """optim.decay_rule on the trees of E-ViM³ and EndoMamba (shapes only): "ndim>1" counts one
+  layer's axes (a stack's leading layers axis is not one), "endomamba_release" drops biases,
+  pos_embed, cls_token and mask_token too, "ours" is the default; an unknown rule is an error."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from vidssm_jax.models import create_model
+  from vidssm_jax.train.state import DECAY_RULES, decay_mask
+
+  def tree(name, video):
+    model = create_model(name)
+    shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v),
+                            jax.ShapeDtypeStruct(video, jnp.float32))
+    return nn.meta.unbox(shapes["params"])
+
+  def decayed(params, rule):
+    flat = traverse_util.flatten_dict(decay_mask(params, rule))
+    return {"/".join(k) for k, v in flat.items() if v}
+
+  evim3 = tree("evim3_tiny", (1, 16, 32, 32, 1))
+  layer = "encoder/stack/blocks/layers_2"
+  big = decayed(evim3, "ndim>1")
+  assert {"encoder/face_tokens", "encoder/register_token", "encoder/pos_embed_l",
+          f"{layer}/mixer/ssm/A_log", f"{layer}/mixer/ssm/conv_weight", "head/fc/kernel"} <= big
+  assert not big & {f"{layer}/mixer/ssm/D", f"{layer}/norm/scale", f"{layer}/mixer/ssm/dt_bias",
+                    "encoder/norm_f/scale", "head/fc/bias"}
+  ours = decayed(evim3, "ours")
+  assert ours < big and not ours & {"encoder/face_tokens", f"{layer}/mixer/ssm/A_log"}
+  assert decay_mask(evim3) == decay_mask(evim3, "ours")
+
+  endo = tree("endomamba_tiny", (1, 2, 224, 224, 3))
+  rel = decayed(endo, "endomamba_release")
+  assert {"patch_embed/kernel", "spatial_blocks/mixer/ssm/A_log",
+          "temporal_blocks/mixer/ssm/conv_weight"} <= rel
+  assert not rel & {"pos_embed", "cls_token", "patch_embed/bias", "spatial_blocks/norm/scale",
+                    "temporal_blocks/mixer/ssm/D", "temporal_blocks/mixer/ssm/dt_bias"}
+  assert sorted(DECAY_RULES) == ["endomamba_release", "ndim>1", "ours"]
+  with pytest.raises(ValueError, match="decay_rule 'all' is not one of"):
+    decay_mask(evim3, "all")

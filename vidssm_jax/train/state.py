@@ -52,14 +52,36 @@ def _path_names(path) -> list[str]:
   return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def decay_mask(params) -> Any:
-  """True where weight decay applies: kernels and conv weights, not the excluded kinds."""
+# Weight-decay rules (``optim.decay_rule``), each ``(path names, per-layer ndim) -> bool``:
+#   "ours"               kernels and conv weights; not A_log, D, norms, biases, tokens, position
+#                        embeddings (the default)
+#   "ndim>1"             every tensor of more than one axis (E-ViM³'s release: global tokens and
+#                        position embeddings and A_log decayed; biases, norms and D not)
+#   "endomamba_release"  everything but 1-D tensors, biases, pos_embed, cls_token, mask_token (so
+#                        A_log and conv weights are decayed)
+# ndim is that of one layer's tensor: a scanned stack's leading layers axis is not counted. Our
+# shapes may drop the release's singleton axes (E-ViM³'s decoder mask token is (dim,) here, (1,
+# dim) there), which only matters for parameters no gradient reaches.
+_ENDOMAMBA_NO_DECAY = re.compile(r"^(bias|.*_bias|pos_embed.*|cls_token|mask_token)$")
+DECAY_RULES = {
+    "ours": lambda names, ndim: not (_NO_DECAY_LEAVES.match(names[-1]) or any(
+        _NO_DECAY_MODULES.search(n) for n in names[:-1])),
+    "ndim>1": lambda names, ndim: ndim > 1,
+    "endomamba_release": lambda names, ndim: ndim > 1 and not _ENDOMAMBA_NO_DECAY.match(
+        names[-1]),
+}
+_STACKED = re.compile(r"(^|_)blocks$")  # the scanned stacks' module names (nn/layers.layer_stack)
 
-  def decays(path, _):
+
+def decay_mask(params, rule: str = "ours") -> Any:
+  """True where weight decay applies, by one of ``DECAY_RULES``."""
+  if rule not in DECAY_RULES:
+    raise ValueError(f"optim.decay_rule {rule!r} is not one of {sorted(DECAY_RULES)}")
+
+  def decays(path, leaf):
     names = _path_names(path)
-    if _NO_DECAY_LEAVES.match(names[-1]):
-      return False
-    return not any(_NO_DECAY_MODULES.search(n) for n in names[:-1])
+    ndim = len(np.shape(leaf)) - any(_STACKED.search(n) for n in names[:-1])
+    return bool(DECAY_RULES[rule](names, ndim))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -131,7 +153,7 @@ def make_optimizer(opt_config, params, total_steps: int,
                            b2=float(opt_config.get("b2", 0.999)),
                            eps=float(opt_config.get("eps", 1e-8)),
                            weight_decay=float(opt_config.weight_decay),
-                           mask=decay_mask(params)))
+                           mask=decay_mask(params, opt_config.get("decay_rule", "ours"))))
   if layer_decay:
     parts.append(scale_by_tree(layer_decay_scales(params, layer_groups or {}, num_layers,
                                                   float(layer_decay))))
