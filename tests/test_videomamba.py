@@ -109,7 +109,8 @@ def test_teacher_features_feed_the_endomamba_pretrainer():
 def test_release_keys_fill_videomamba_s_exactly_and_round_trip():
   total, shapes = release_keys()
   assert total == RELEASE_PARAMETERS == sum(int(np.prod(s)) for s in shapes.values())
-  model = create_model("videomamba_s", num_frames=16)
+  model = create_model("videomamba_s_teacher")  # 16 frames, no head: EndoMamba's teacher
+  assert (model.dim, model.depth, model.num_frames, model.num_classes) == (384, 24, 16, 0)
   state = random_state_dict(shapes)
   params = convert_state_dict("videomamba", {f"module.{k}": v for k, v in state.items()}, model)
   ours = param_shapes(recipe_for("videomamba", model), model)

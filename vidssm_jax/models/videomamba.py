@@ -215,3 +215,10 @@ def videomamba_s(**overrides) -> nn.Module:
 def videomamba_m(**overrides) -> nn.Module:
   """VideoMamba-M: dim 576, depth 32."""
   return VideoMamba(**{**SIZES["middle"], **overrides})
+
+
+@register("videomamba_s_teacher")
+def videomamba_s_teacher(**overrides) -> nn.Module:
+  """VideoMamba-S as EndoMamba's pretraining script builds its teacher: 16 frames, no head
+  (``python -m vidssm_jax.convert --from videomamba --preset videomamba_s_teacher``)."""
+  return VideoMamba(**{**SIZES["small"], "num_frames": 16, **overrides})
