@@ -6,8 +6,9 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #
-# With --mamba-ssm it also fetches the mamba_ssm source distribution into .whl/src/, which
-# vidssm_jax/bench/mamba_ssm_build.py compiles for sm_90 inside the run (never committed).
+# With --mamba-ssm it also fetches the mamba_ssm source distribution into .whl/src/ (torch must be
+# installed where this runs), which vidssm_jax/bench/mamba_ssm_build.py compiles for sm_90
+# inside the run (never committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -21,21 +22,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "grain==0.2.18" "array-record==0.8.6" "ml-collections==1.1.0" "portpicker" "jax-triton==0.3.1"
 if [[ "${1:-}" == "--mamba-ssm" ]]; then
   mkdir -p .whl/src
-  # The sdist's address from the package index pip is configured with (PEP 691 JSON), without
-  # building it: `pip download` would first build its metadata, which needs torch and CUDA.
-  url=$(python3 - <<'PY'
-import json, subprocess, sys, urllib.request
-index = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
-                       capture_output=True, text=True).stdout.strip()
-if not index:
-  from pip._internal.models.index import PyPI
-  index = PyPI.simple_url
-req = urllib.request.Request(index.rstrip("/") + "/mamba-ssm/",
-                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-files = json.load(urllib.request.urlopen(req))["files"]
-print(next(f["url"] for f in files if f["filename"] == "mamba_ssm-2.3.2.post1.tar.gz"))
-PY
-)
-  curl -sSL -o .whl/src/mamba_ssm-2.3.2.post1.tar.gz "$url"
+  # The sdist through pip itself. `pip download` prepares the package's metadata by running its
+  # setup.py: MAMBA_SKIP_CUDA_BUILD skips the CUDA build there, and --no-build-isolation lets it
+  # import the torch already installed here (pip install torch==2.13.0) instead of fetching one.
+  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=FALSE python3 -m pip download -q --no-deps \
+    --no-binary :all: --no-build-isolation -d .whl/src "mamba_ssm==2.3.2.post1"
 fi
 ls -la .whl .whl/src 2>/dev/null
