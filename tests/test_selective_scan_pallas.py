@@ -13,7 +13,8 @@ from test_selective_scan import CASES, GRAD_NAMES, make_inputs, numpy_selective_
 from vidssm_jax.bench.scan import numpy_scan_and_vjp
 from vidssm_jax.ops import selective_scan
 from vidssm_jax.ops.selective_scan import auto_backend, available_backends
-from vidssm_jax.ops.selective_scan_pallas import PallasConfig, selective_scan_pallas
+from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, segments_for,
+                                                 selective_scan_pallas)
 
 # Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
 # nothing for a test and cost most of the compile time.
@@ -107,6 +108,36 @@ def test_kernel_configs_agree_with_oracle(config):
     assert rel_err(grad, ref_grads[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("case,segments", [
+    pytest.param(CASES[4], 2, id=_case_id(CASES[4]) + "-s2"),
+    pytest.param(CASES[7], 3, id=_case_id(CASES[7]) + "-s3")])
+def test_length_parallel_scan_matches_numpy_oracle(case, segments):
+  # The length-parallel scan on the core tests' awkward cases (groups, reverse, initial state):
+  # forward, final state and every gradient, through the carries between the segments.
+  l, g, grouped, reverse, h0, extras = case
+  x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
+  x = {k: jnp.asarray(v, np.float32) for k, v in x.items()}
+  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, segments=segments)
+  y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config, ct_seed=l)
+  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
+                                      delta_softplus=True, reverse=reverse,
+                                      h0=ref.get("initial_state"))
+  assert rel_err(y, ref_y) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
+  ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=reverse)
+  assert set(grads) == set(ref_grads)
+  for name, grad in grads.items():
+    assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
+
+
+def test_automatic_segments_by_shape():
+  config = PallasConfig()
+  assert segments_for(8, 1568, 768, config) == 1     # 768 programs of 8 channels: enough
+  assert segments_for(1, 3136, 768, config) > 1      # 96 programs: split the length
+  assert segments_for(1, 197, 768, config) == 1      # too short to split
+  assert segments_for(1, 3136, 768, PallasConfig(segments=1)) == 1
+
+
 def test_public_entry_without_softplus_or_extras_and_undifferentiated():
   # The forward-only kernel (no saved chunk states), through selective_scan(backend="pallas").
   x = make_inputs(4, 2, 21, 8, 4, 2, extras=False)
@@ -117,19 +148,23 @@ def test_public_entry_without_softplus_or_extras_and_undifferentiated():
   assert rel_err(y, ref) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
 
 
-@pytest.mark.parametrize("softplus,bias,reverse", [
-    (True, True, True), (True, True, False), (False, False, False), (False, True, True)],
-    ids=["softplus-padded-reverse", "softplus-padded", "nobias-padded", "bias-tail-reverse"])
-def test_lengths_off_the_chunk_padded_or_tailed(softplus, bias, reverse):
+@pytest.mark.parametrize("softplus,bias,reverse,segments", [
+    (True, True, True, 1), (True, True, False, 1), (False, False, False, 1),
+    (False, True, True, 1), (True, True, True, 3), (False, True, False, 4)],
+    ids=["softplus-padded-reverse", "softplus-padded", "nobias-padded", "bias-tail-reverse",
+         "segments3-reverse", "segments4-bias-folded"])
+def test_lengths_off_the_chunk_padded_or_tailed(softplus, bias, reverse, segments):
   # l = 11 with chunk 4 and pad_min_length 0: padded with identity steps (dt = 0) unless delta
-  # has a bias and no softplus, where the kernels run their unrolled tail chunk. Forward and every gradient
-  # against the float64 lax.scan reference backend.
+  # has a bias and no softplus, where the kernels run their unrolled tail chunk. With segments
+  # (the length-parallel scan) the length is padded to whole chunks per segment (3 segments of
+  # 4 steps; 4 of 4, the last one all padding), the bias folded into delta without softplus.
+  # Forward and every gradient against the float64 lax.scan reference backend.
   x = make_inputs(7, 2, 11, 8, 4, 2, h0=True)
   x["delta"] = np.abs(x["delta"])
   if not bias:
     del x["delta_bias"]
   names = [k for k in GRAD_NAMES if k in x]
-  config = PallasConfig(chunk=4, block_d=4, bwd_block_d=2, pad_min_length=0)
+  config = PallasConfig(chunk=4, block_d=4, bwd_block_d=2, pad_min_length=0, segments=segments)
 
   def loss(backend, *args):
     kw = dict(zip(names, args))
@@ -204,6 +239,7 @@ def test_registry_runs_pallas_on_cpu_only_when_asked():
     (dict(chunk=0), r"PallasConfig.chunk must be a power of two, got 0"),
     (dict(num_warps=0), r"PallasConfig.num_warps must be a positive int, got 0"),
     (dict(pad_min_length=-1), r"PallasConfig.pad_min_length must be an int >= 0, got -1"),
+    (dict(segments=0), r"PallasConfig.segments must be None or an int >= 1, got 0"),
 ])
 def test_config_rejects_bad_values(value, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -230,13 +266,16 @@ LOWERING_VARIANTS = {
     "groups-reverse-h0": dict(g=2, reverse=True, h0=True, config=SHORT),
     "no-extras-no-softplus": dict(extras=False, softplus=False, config=SHORT),
     "n5-atomic": dict(n=5, config=PallasConfig(chunk=4, atomic_dbc=True)),
+    # The length-parallel scan runs the forward kernel twice (final states, then outputs).
+    "segments": dict(reverse=True, h0=True, config=PallasConfig(chunk=4, segments=2),
+                     kernels=(2, 4)),
 }
 
 
 @pytest.mark.parametrize("variant", list(LOWERING_VARIANTS))
 def test_kernels_lower_for_cuda(variant):
   v = dict(dtype=jnp.float32, g=1, reverse=False, h0=False, extras=True, softplus=True, n=16,
-           config=PallasConfig())
+           config=PallasConfig(), kernels=(1, 2))
   v.update(LOWERING_VARIANTS[variant])
   # l = 45 gives full chunks and a tail; interpret=False asks for the GPU kernels.
   config = PallasConfig(**{**v["config"].__dict__, "interpret": False})
@@ -251,6 +290,6 @@ def test_kernels_lower_for_cuda(variant):
 
   forward = _export_for_cuda(loss, *[x[k] for k in names])
   gradient = _export_for_cuda(jax.grad(loss, tuple(range(len(names)))), *[x[k] for k in names])
-  for exported, kernels in ((forward, 1), (gradient, 2)):
+  for exported, kernels in zip((forward, gradient), v["kernels"]):
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == kernels, variant

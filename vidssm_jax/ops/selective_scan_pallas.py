@@ -84,6 +84,14 @@ class PallasConfig:
       + backward compiled in 9.5 s padded against 14.8 s with the tail, and the E-ViM³-p4 step
       was no slower (785 ms against 801 ms); EndoMamba's 196-token frames kept the tail, which
       compiled as fast and ran the step 2% faster (61.8 against 63.0 ms).
+    segments: the length-parallel scan: the length is cut into this many segments of whole
+      chunks, scanned side by side from a zero state (each a row of the kernel's grid), the
+      states entering the segments follow from the segments' final states and total decays by
+      an associative scan over the segments (``_carried_states``), and the same kernel runs the
+      segments again from those states. Twice the kernel work, ``segments`` times the programs:
+      it pays when ``b · d / block_d`` programs cannot fill the GPU (few rows, long sequences).
+      ``None``: chosen by shape (``segments_for``); 1: off.
+    segment_min_length: the automatic choice keeps segments at least this long.
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -97,6 +105,8 @@ class PallasConfig:
   interpret: Optional[bool] = None
   poison_outputs: bool = False
   pad_min_length: int = 1024
+  segments: Optional[int] = None
+  segment_min_length: int = 256
 
   def __post_init__(self):
     for name in ("block_d", "chunk", "bwd_block_d"):
@@ -105,6 +115,12 @@ class PallasConfig:
         continue
       if not isinstance(v, int) or v < 1 or v & (v - 1):
         raise ValueError(f"PallasConfig.{name} must be a power of two, got {v!r}")
+    if self.segments is not None and (not isinstance(self.segments, int) or self.segments < 1):
+      raise ValueError(f"PallasConfig.segments must be None or an int >= 1, got "
+                       f"{self.segments!r}")
+    if not isinstance(self.segment_min_length, int) or self.segment_min_length < 1:
+      raise ValueError(f"PallasConfig.segment_min_length must be an int >= 1, got "
+                       f"{self.segment_min_length!r}")
     if not isinstance(self.pad_min_length, int) or self.pad_min_length < 0:
       raise ValueError(f"PallasConfig.pad_min_length must be an int >= 0, got "
                        f"{self.pad_min_length!r}")
@@ -589,34 +605,126 @@ def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, r
   config = config or DEFAULT_CONFIG
   b, l, d = u.shape
   g, n = B.shape[2], B.shape[3]
-  acc = h0.dtype
   n_pad = _pow2_at_least(n)
   if n_pad != n:  # zero columns of A, B, C: the padded states stay zero and add nothing
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
     A, B, C, h0 = pad(A), pad(B), pad(C), pad(h0)
-  steps = _identity_steps(l, config, delta_softplus, delta_bias)
-  if steps:
-    pad = functools.partial(_pad_length, steps, reverse)
-    u, z, B, C = pad(u), pad(z), pad(B), pad(C)
-    delta = pad(delta, -jnp.inf if delta_softplus else 0.0)
-    l += steps
+  scan = functools.partial(_whole_scan, config)
+  segments = segments_for(b, l, d, config)
+  if segments > 1:
+    scan = functools.partial(_segmented_scan, config, segments)
+  y, h_last = scan(u, delta, A, B, C, D, z, delta_bias, h0, softplus=bool(delta_softplus),
+                   reverse=bool(reverse))
+  return y, h_last[..., :n]
+
+
+def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, reverse) -> _Spec:
   interpret = config.interpret
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  fwd_block_d, fwd_warps = forward_block(b, d, g, n_pad, config)
-  spec = _Spec(
-      b=b, l=l, d=d, g=g, n=n_pad, chunk=config.chunk, fwd_block_d=fwd_block_d,
+  fwd_block_d, fwd_warps = forward_block(b, d, g, n, config)
+  return _Spec(
+      b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
       fwd_warps=fwd_warps, bwd_warps=config.bwd_num_warps, num_stages=config.num_stages,
       bwd_recompute_decay=config.bwd_recompute_decay, prefetch=config.prefetch,
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
-      has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
-      softplus=bool(delta_softplus), reverse=bool(reverse))
-  vec = lambda x: None if x is None else x.astype(acc)
-  y, h_last = _fused_scan(spec, u, delta, A.astype(acc), B, C, vec(D), z, vec(delta_bias), h0)
+      has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
+      reverse=reverse)
+
+
+def _vector(x, dtype):
+  return None if x is None else x.astype(dtype)
+
+
+def _whole_scan(config, u, delta, A, B, C, D, z, bias, h0, *, softplus, reverse):
+  """One kernel program per (row, channel block) walks the whole length."""
+  b, l, d = u.shape
+  g, n = B.shape[2], B.shape[3]
+  acc = h0.dtype
+  steps = _identity_steps(l, config, softplus, bias)
   if steps:
-    y = y[:, steps:] if reverse else y[:, :l - steps]
-  return y, h_last[..., :n]
+    pad = functools.partial(_pad_length, steps, reverse)
+    u, z, B, C = pad(u), pad(z), pad(B), pad(C)
+    delta = pad(delta, -jnp.inf if softplus else 0.0)
+  spec = _make_spec(config, b, l + steps, d, g, n, D, z, bias, softplus, reverse)
+  y, h_last = _fused_scan(spec, u, delta, A.astype(acc), B, C, _vector(D, acc), z,
+                          _vector(bias, acc), h0)
+  if steps:
+    y = y[:, steps:] if reverse else y[:, :l]
+  return y, h_last
+
+
+# The automatic length split (``segments_for``): split while fewer than this many programs of
+# the narrowest channel block (8) would run. Set from `python -m vidssm_jax.bench.scan --sweep`.
+_SPLIT_PROGRAMS = 528
+
+
+def segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
+  """Segments of the length-parallel scan for a ``(b, l, d)`` scan under ``config`` (1: none).
+
+  Automatic: doubles while ``b · segments · d / 8`` programs stay under ``_SPLIT_PROGRAMS`` and
+  every segment keeps at least ``config.segment_min_length`` steps.
+  """
+  if config.segments is not None:
+    return config.segments
+  segments = 1
+  while (b * segments * max(d // 8, 1) < _SPLIT_PROGRAMS
+         and l // (2 * segments) >= config.segment_min_length):
+    segments *= 2
+  return segments
+
+
+def _segmented_scan(config, segments, u, delta, A, B, C, D, z, bias, h0, *, softplus, reverse):
+  """The length-parallel scan (``PallasConfig.segments``): ``segments`` rows per batch row."""
+  b, l, d = u.shape
+  g, n = B.shape[2], B.shape[3]
+  acc = h0.dtype
+  if bias is not None and not softplus:
+    # dt = delta + bias: folded into delta, so that a padded delta of 0 is the identity step.
+    delta, bias = delta.astype(acc) + bias.astype(acc), None
+  seg_len = -(-l // segments)
+  seg_len += -seg_len % config.chunk  # whole chunks: no unrolled tail in the kernels
+  steps = segments * seg_len - l
+  pad = functools.partial(_pad_length, steps, reverse)
+  u, z, B, C = pad(u), pad(z), pad(B), pad(C)
+  delta = pad(delta, -jnp.inf if softplus else 0.0)
+  rows = lambda x: None if x is None else x.reshape(b * segments, seg_len, *x.shape[2:])
+  spec = _make_spec(config, b * segments, seg_len, d, g, n, D, z, bias, softplus, reverse)
+  args = (rows(u), rows(delta), A.astype(acc), rows(B), rows(C), _vector(D, acc), rows(z),
+          _vector(bias, acc))
+  # 1. Every segment from a zero state: its final state.
+  _, h_local = _fused_scan(spec, *args, jnp.zeros((b * segments, d, n), acc))
+  # 2. The state entering every segment, from the final states and each segment's total decay
+  #    exp(A · sum dt) (padded steps have dt = 0).
+  x = rows(delta).astype(acc)
+  if bias is not None:
+    x = x + bias.astype(acc)
+  dt = _softplus(x) if softplus else x
+  decay = jnp.exp(A.astype(acc) * jnp.sum(dt, axis=1)[:, :, None])
+  split = lambda v: v.reshape(b, segments, d, n)
+  h_in = _carried_states(split(decay), split(h_local), h0, reverse)
+  # 3. Every segment again, from its entering state: the outputs and the final states.
+  y, h_last = _fused_scan(spec, *args, h_in.reshape(b * segments, d, n))
+  y = y.reshape(b, segments * seg_len, d)
+  y = y[:, steps:] if reverse else y[:, :l]
+  return y, split(h_last)[:, 0 if reverse else -1]
+
+
+def _carried_states(decay, h_local, h0, reverse: bool):
+  """States entering each segment, ``(b, S, d, n)``: segment ``s`` (in scan order) maps an
+  entering state ``h`` to ``decay[s] · h + h_local[s]``; the first one enters with ``h0``."""
+  if reverse:  # scan order runs from the last segment to the first
+    decay, h_local = decay[:, ::-1], h_local[:, ::-1]
+
+  def compose(first, then):
+    (a1, b1), (a2, b2) = first, then
+    return a2 * a1, a2 * b1 + b2
+
+  total_decay, total_local = lax.associative_scan(compose, (decay, h_local), axis=1)
+  h_out = total_decay * h0[:, None] + total_local  # the state leaving each segment
+  h_in = jnp.concatenate([h0[:, None], h_out[:, :-1]], axis=1)
+  return h_in[:, ::-1] if reverse else h_in
 
 
 def _identity_steps(l: int, config: PallasConfig, softplus: bool, delta_bias) -> int:
