@@ -3,11 +3,14 @@
     python -m vidssm_jax.bench.scan                  # speed table (GPU: the issue's four shapes)
     python -m vidssm_jax.bench.scan --check          # every backend vs a float64 NumPy oracle
     python -m vidssm_jax.bench.scan --sweep          # fused-kernel variants at (8, 1568, 768, 16)
+    python -m vidssm_jax.bench.scan --sweep-segments # the Pallas length split, per table shape
     python -m vidssm_jax.bench.scan --compile-only   # offline sm_90 compile (CPU, needs triton)
 
 Common flags: ``--shapes b,l,d,n ...``, ``--dtypes float32 bfloat16``, ``--backends ...``.
 
-**Table.** For each shape (b, l, d, n) and dtype, every backend registered for the platform runs
+**Table.** For each shape (b, l, d, n) (on GPU the four generic shapes, then the scans the two
+models run: ``GPU_SHAPES``; a fifth entry ``h0`` starts from a given state and runs forward
+only, as a live stream does) and dtype, every backend registered for the platform runs
 on the same inputs (u, delta, z, B, C, A, D, delta_bias, softplus: the Mamba mixer's call) and
 prints the median forward and forward+backward time (a VJP with a random cotangent) and the
 fraction of the memory floor they reach: the bytes of the inputs read once plus the outputs
@@ -58,8 +61,19 @@ import numpy as np
 from vidssm_jax.ops.selective_scan import available_backends, selective_scan
 
 CPU_SHAPES = [(2, 512, 256, 16), (1, 2048, 128, 16), (8, 197, 192, 16)]
-GPU_SHAPES = [(8, 1568, 768, 16), (1, 3136, 768, 16), (32, 197, 768, 16), (4, 8192, 1536, 16)]
+# The GPU table: four generic shapes, then the scans the models run (a fifth entry "h0": the
+# scan starts from a given state and runs forward only, as a live stream does).
+GPU_SHAPES = [
+    (8, 1568, 768, 16), (1, 3136, 768, 16), (32, 197, 768, 16), (4, 8192, 1536, 16),
+    (1, 197, 768, 16, "h0"),   # EndoMamba-S streaming: one frame's 197 tokens on the state
+    (128, 49, 768, 16),        # EndoMamba-S pretraining, spatial (8 clips x 16 frames, 49 kept)
+    (8, 784, 768, 16),         # EndoMamba-S pretraining, temporal (16 frames x 49 tokens)
+    (4, 13571, 384, 16),       # E-ViM3-p4 encoder (visible tokens + global tokens)
+    (4, 33635, 384, 16),       # E-ViM3-p4 decoder (every token + global tokens)
+    (8, 5553, 384, 16),        # E-ViM3-p8 encoder
+]
 SWEEP_SHAPE = (8, 1568, 768, 16)
+SEGMENT_SWEEP = (1, 2, 4, 8, 16, 32, 64)  # --sweep-segments: PallasConfig.segments values
 FUSED = ("pallas", "triton")
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 _REFERENCE_MAX_ELEMENTS = 1 << 28  # b·l·d·n up to which the pure-PyTorch reference is timed
@@ -110,6 +124,19 @@ def make_inputs(b, l, d, n, dtype, seed=0):
       delta_bias=jax.random.normal(k[7], (d,)) * 0.1)
 
 
+def with_initial_state(x, seed=0):
+  """``x`` plus a random float32 initial state ``(b, d, n)``."""
+  b, _, d = x["u"].shape
+  n = x["A"].shape[1]
+  h0 = jax.random.normal(jax.random.key(seed + 100), (b, d, n), jnp.float32)
+  return {**x, "initial_state": h0}
+
+
+def _split_shape(shape):
+  """((b, l, d, n), has_initial_state) from a table entry."""
+  return tuple(shape[:4]), len(shape) > 4 and shape[4] == "h0"
+
+
 def floor_bytes(b, l, d, n, itemsize):
   """Bytes that must move: (forward, forward+backward).
 
@@ -127,10 +154,12 @@ def _scan_fn(backend: str, config=None):
   """``f(x) -> y`` for the mixer's call, through the public entry or a fused config."""
   if config is None:
     return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                    x["delta_bias"], delta_softplus=True, backend=backend)
+                                    x["delta_bias"], delta_softplus=True, backend=backend,
+                                    initial_state=x.get("initial_state"))
   entry = _fused_entry(backend)
   return lambda x: entry(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                         x["delta_bias"], True, config=config)
+                         x["delta_bias"], True, config=config,
+                         initial_state=x.get("initial_state"))
 
 
 def _fused_entry(backend: str):
@@ -237,8 +266,10 @@ def torch_peer():
   return _torch_reference_scan, "torch reference (mamba_ssm not built)"
 
 
-def torch_times(fn, x, dy, repeats=10):
-  """(forward ms, forward+backward ms) of a PyTorch scan on the same inputs, CUDA events."""
+def torch_times(fn, x, dy, repeats=10, forward_only=False):
+  """(forward ms, forward+backward ms or None) of a PyTorch scan on the same inputs, timed with
+  CUDA events. (mamba_ssm's selective_scan_fn takes no initial state: a row with one times the
+  peer from zero, the same work but for reading one state.)"""
   import torch
   to_t = lambda a, t=True: torch.from_numpy(np.ascontiguousarray(
       np.asarray(a.astype(jnp.float32)).transpose(0, 2, 1) if t else np.asarray(a, np.float32)
@@ -270,7 +301,7 @@ def torch_times(fn, x, dy, repeats=10):
 
   with torch.no_grad():
     f_ms = median(fwd)
-  return f_ms, median(fwd_bwd)
+  return f_ms, None if forward_only else median(fwd_bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,11 +319,14 @@ def run_table(shapes, dtypes, backends, *, with_torch: bool):
   inputs, jobs = {}, {}
   for dtype in dtypes:
     for shape in shapes:
-      x = make_inputs(*shape, dtype)
+      dims, h0 = _split_shape(shape)
+      x = make_inputs(*dims, dtype)
+      x = with_initial_state(x) if h0 else x
       for backend in backends:
         fwd, fb, dy = _jitted_pair(_scan_fn(backend), x)
         jobs[(shape, dtype, backend, "f")] = (fwd, (x,))
-        jobs[(shape, dtype, backend, "fb")] = (fb, (x, dy))
+        if not h0:  # a stream runs forward only
+          jobs[(shape, dtype, backend, "fb")] = (fb, (x, dy))
       inputs[(shape, dtype)] = (x, dy)
   start = time.perf_counter()
   compiled = _compile_all(jobs)
@@ -302,21 +336,24 @@ def run_table(shapes, dtypes, backends, *, with_torch: bool):
   for dtype in dtypes:
     for shape in shapes:
       x, dy = inputs[(shape, dtype)]
+      forward_only = _split_shape(shape)[1]
       for backend in backends:
-        f, fb = compiled[(shape, dtype, backend, "f")], compiled[(shape, dtype, backend, "fb")]
+        f = compiled[(shape, dtype, backend, "f")]
+        fb = None if forward_only else compiled[(shape, dtype, backend, "fb")]
         if isinstance(f, Exception) or isinstance(fb, Exception):
           results[(shape, dtype, backend)] = _short_error(f if isinstance(f, Exception) else fb)
           continue
-        results[(shape, dtype, backend)] = (median_ms(f, x, inner=inner),
-                                            median_ms(fb, x, dy, inner=inner))
+        results[(shape, dtype, backend)] = (
+            median_ms(f, x, inner=inner), None if fb is None else median_ms(fb, x, dy, inner=inner))
       if peer is not None:
-        if peer is _torch_reference_scan and math.prod(shape) > _REFERENCE_MAX_ELEMENTS:
+        if peer is _torch_reference_scan and math.prod(shape[:4]) > _REFERENCE_MAX_ELEMENTS:
           # Its (b, d, l, n) intermediates and Python loop over l take minutes and gigabytes.
           results[(shape, dtype, "torch")] = "skipped: too large for the pure-PyTorch reference"
         else:
           try:
             results[(shape, dtype, "torch")] = torch_times(
-                peer, x, dy, repeats=3 if peer is _torch_reference_scan else 10)
+                peer, x, dy, repeats=3 if peer is _torch_reference_scan else 10,
+                forward_only=forward_only)
           except Exception as e:
             results[(shape, dtype, "torch")] = _short_error(e)
       _print_rows(shape, dtype, backends + (["torch"] if peer else []), results, bandwidth,
@@ -325,7 +362,7 @@ def run_table(shapes, dtypes, backends, *, with_torch: bool):
 
 
 def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
-  b, l, d, n = shape
+  (b, l, d, n), _ = _split_shape(shape)
   fwd_bytes, fb_bytes = floor_bytes(b, l, d, n, jnp.dtype(dtype).itemsize)
   floor = lambda nbytes: nbytes / (bandwidth * 1e9) * 1e3
   print(f"\n{str(shape):<22} {jnp.dtype(dtype).name}: floor fwd {floor(fwd_bytes):.4f} ms, "
@@ -334,12 +371,17 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
   for name in names:
     r = results.get((shape, dtype, name))
     label = peer_label if name == "torch" else name
+    if name == "pallas":
+      from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG, segments_for
+      label = f"pallas (segments {segments_for(b, l, d, DEFAULT_CONFIG)})"
     if isinstance(r, str):
       print(f"  {label:<40} failed: {r}")
     elif r is not None:
       f_ms, fb_ms = r
-      print(f"  {label:<40} {f_ms:9.3f} {100 * floor(fwd_bytes) / f_ms:9.1f}% {fb_ms:9.3f} "
-            f"{100 * floor(fb_bytes) / fb_ms:9.1f}%")
+      backward = (f"{'-':>9} {'-':>10}" if fb_ms is None else
+                  f"{fb_ms:9.3f} {100 * floor(fb_bytes) / fb_ms:9.1f}%")
+      print(f"  {label:<40} {f_ms:9.3f} {100 * floor(fwd_bytes) / f_ms:9.1f}% {backward}",
+            flush=True)
 
 
 def _print_summary(shapes, dtypes, backends, results, peer_label):
@@ -357,15 +399,17 @@ def _print_summary(shapes, dtypes, backends, results, peer_label):
       if not times:
         continue
       bf = min(times, key=lambda b: times[b][0])
-      bfb = min(times, key=lambda b: times[b][1])
+      bfb = min(times, key=lambda b: times[b][1] or 0.0)
       f, fb = times[bf][0], times[bfb][1]
-      ratio = lambda a, ref: f"{a / ref:9.2f}" if isinstance(ref, (int, float)) else f"{'-':>9}"
+      ratio = lambda a, ref: (f"{a / ref:9.2f}" if isinstance(ref, (int, float)) and a is not None
+                              else f"{'-':>9}")
       peer = results.get((shape, dtype, "torch"))
       assoc = results.get((shape, dtype, "associative"))
       peer = peer if isinstance(peer, tuple) else (None, None)
       assoc = assoc if isinstance(assoc, tuple) else (None, None)
-      print(f"  {str(shape):<22} {jnp.dtype(dtype).name:<9} {f:7.3f} {bf:<8} {fb:7.3f} "
-            f"{bfb:<8} {ratio(f, peer[0])} {ratio(fb, peer[1])} {ratio(f, assoc[0])} "
+      fb_text = f"{'-':>7} {'':<8}" if fb is None else f"{fb:7.3f} {bfb:<8}"
+      print(f"  {str(shape):<22} {jnp.dtype(dtype).name:<9} {f:7.3f} {bf:<8} {fb_text} "
+            f"{ratio(f, peer[0])} {ratio(fb, peer[1])} {ratio(f, assoc[0])} "
             f"{ratio(fb, assoc[1])}")
 
 
@@ -618,6 +662,48 @@ def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):
       print(f"  best {backend} {mode_name}: {ms:.3f} ms with {label}")
 
 
+def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP):
+  """Times the Pallas backend at every ``PallasConfig.segments`` in ``values`` per shape; marks
+  the automatic choice (``segments_for``) and the fastest: the data behind ``_SPLIT_PROGRAMS``."""
+  from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG, segments_for
+  for dtype in dtypes:
+    jobs, inputs = {}, {}
+    for shape in shapes:
+      dims, h0 = _split_shape(shape)
+      x = make_inputs(*dims, dtype)
+      x = with_initial_state(x) if h0 else x
+      for value in values:
+        if dims[1] // value < DEFAULT_CONFIG.chunk:
+          continue
+        config = dataclasses.replace(DEFAULT_CONFIG, segments=value)
+        fwd, fb, dy = _jitted_pair(_scan_fn("pallas", config), x)
+        jobs[(shape, value, "f")] = (fwd, (x,))
+        if not h0:
+          jobs[(shape, value, "fb")] = (fb, (x, dy))
+    start = time.perf_counter()
+    compiled = _compile_all(jobs)
+    print(f"\nsegment sweep, {jnp.dtype(dtype).name}: {len(jobs)} programs compiled in "
+          f"{time.perf_counter() - start:.0f} s; ms (* automatic choice, < fastest)", flush=True)
+    for shape in shapes:
+      dims, _ = _split_shape(shape)
+      auto = segments_for(dims[0], dims[1], dims[2], DEFAULT_CONFIG)
+      row = {}
+      for (s_, value, mode), fn in compiled.items():
+        if s_ == shape:
+          row[(value, mode)] = (_short_error(fn) if isinstance(fn, Exception)
+                                else median_ms(fn, *jobs[(s_, value, mode)][1], inner=10))
+      for mode in ("f", "fb"):
+        cells = {v: t for (v, m), t in row.items() if m == mode}
+        if not cells:
+          continue
+        numbers = {v: t for v, t in cells.items() if isinstance(t, float)}
+        best = min(numbers, key=numbers.get) if numbers else None
+        text = " ".join(
+            f"{v}{'*' if v == auto else ''}{'<' if v == best else ''}:"
+            + (f"{t:.3f}" if isinstance(t, float) else "failed") for v, t in sorted(cells.items()))
+        print(f"  {str(shape):<26} {'fwd' if mode == 'f' else 'f+b':<4} {text}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Offline compile for sm_90 (no GPU): registers, spills, instruction counts
 # --------------------------------------------------------------------------------------------
@@ -741,6 +827,8 @@ def main(argv=None):
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--check", action="store_true", help="compare every backend to the oracle")
   mode.add_argument("--sweep", action="store_true", help="time fused-kernel variants")
+  mode.add_argument("--sweep-segments", action="store_true",
+                    help="time the Pallas length split (PallasConfig.segments) per shape")
   mode.add_argument("--compile-only", action="store_true",
                     help="compile the fused kernels for sm_90 offline (needs triton)")
   parser.add_argument("--shapes", nargs="*", default=None,
@@ -758,7 +846,8 @@ def main(argv=None):
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.7")
 
   platform = jax.default_backend()
-  parse = lambda specs: [tuple(int(v) for v in s.split(",")) for s in specs]
+  parse = lambda specs: [tuple(int(v) if v.isdigit() else v for v in s.split(","))
+                         for s in specs]
   dtypes = args.dtypes or ([args.dtype] if args.dtype else None)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({platform}, {jax.device_count()} device(s)); "
@@ -771,6 +860,10 @@ def main(argv=None):
   if args.check:
     backends = args.backends or available_backends()
     return 1 if run_check(backends, dtypes or ["float32", "bfloat16"]) else 0
+  if args.sweep_segments:
+    run_segment_sweep(parse(args.shapes) if args.shapes else GPU_SHAPES,
+                      dtypes or ["bfloat16"])
+    return 0
   if args.sweep:
     backends = args.backends or [b for b in available_backends() if b in FUSED]
     if not backends:
