@@ -131,11 +131,11 @@ def test_length_parallel_scan_matches_numpy_oracle(case, segments):
 
 
 def test_automatic_segments_by_shape():
-  config = PallasConfig()
+  config = PallasConfig(segments=None)
   assert segments_for(8, 1568, 768, config) == 1     # 768 programs of 8 channels: enough
-  assert segments_for(1, 3136, 768, config) > 1      # 96 programs: split the length
+  assert segments_for(1, 3136, 768, config) == 8     # 96 programs: split, segments >= 256 steps
   assert segments_for(1, 197, 768, config) == 1      # too short to split
-  assert segments_for(1, 3136, 768, PallasConfig(segments=1)) == 1
+  assert segments_for(1, 3136, 768, PallasConfig()) == 1  # the default: no split
 
 
 def test_public_entry_without_softplus_or_extras_and_undifferentiated():

@@ -90,7 +90,10 @@ class PallasConfig:
       an associative scan over the segments (``_carried_states``), and the same kernel runs the
       segments again from those states. Twice the kernel work, ``segments`` times the programs:
       it pays when ``b · d / block_d`` programs cannot fill the GPU (few rows, long sequences).
-      ``None``: chosen by shape (``segments_for``); 1: off.
+      1 (the default): off. ``None``: chosen by shape (``segments_for``), a provisional rule
+      that no GPU measurement backs yet, hence not the default: the models' measured steps
+      (README) ran without the split. ``python -m vidssm_jax.bench.scan --sweep-segments``
+      measures every value per shape.
     segment_min_length: the automatic choice keeps segments at least this long.
   """
   block_d: Optional[int] = None
@@ -105,7 +108,7 @@ class PallasConfig:
   interpret: Optional[bool] = None
   poison_outputs: bool = False
   pad_min_length: int = 1024
-  segments: Optional[int] = None
+  segments: Optional[int] = 1
   segment_min_length: int = 256
 
   def __post_init__(self):
@@ -655,8 +658,10 @@ def _whole_scan(config, u, delta, A, B, C, D, z, bias, h0, *, softplus, reverse)
   return y, h_last
 
 
-# The automatic length split (``segments_for``): split while fewer than this many programs of
-# the narrowest channel block (8) would run. Set from `python -m vidssm_jax.bench.scan --sweep`.
+# The automatic length split (``segments_for``, ``PallasConfig(segments=None)``): split while
+# fewer than this many programs of the narrowest channel block (8) would run: four per SM of an
+# H100, a guess to be replaced by the measurements of `python -m vidssm_jax.bench.scan
+# --sweep-segments`.
 _SPLIT_PROGRAMS = 528
 
 
