@@ -3,7 +3,14 @@
 Masks. Every mask is a bool array over the token grid ``(L', H', W')``, True = masked. One
 chained sampler draws them all: the grid is tiled by chains of ``(lc, hc, wc)`` tokens, exactly
 ``int(ratio · n_chains)`` chains are chosen uniformly without replacement, and a token is masked
-when its chain is. Its three faces:
+when its chain is. A grid size that its chain size does not divide is tiled as the E-ViM³
+release does: a chain grid of ``ceil(L' / lc)`` (and so on) cells, upsampled to the token grid
+by PyTorch's ``nearest`` rule (``_nearest_source``), so the chains along that axis come in two
+sizes. The release then draws ``int(ratio · n_chains)`` chains among all of them, and the number
+of hidden tokens depends on the draw; ours draws ``int(ratio · n)`` chains among the ``n``
+chains of each size (``(lc', hc', wc')``) separately, so that every mask hides the same number of
+tokens and a visible-token encoder keeps static shapes (on a grid the chains divide there is one
+size, and the two rules agree). Its three faces:
 
     stc_mask     chains of time_chain × space_chain × space_chain (E-ViM³'s STC masking)
     random_mask  chains of 1 × 1 × 1: exactly int(ratio · L'H'W') tokens
@@ -66,20 +73,47 @@ def _check_chain(grid, chain, who: str) -> tuple[int, int, int]:
   chain = tuple(int(c) for c in chain)
   if len(chain) != 3 or min(chain) < 1:
     raise ValueError(f"{who}: chain size must be three positive ints, got {chain!r}")
-  if any(g % c for g, c in zip(grid, chain)):
-    raise ValueError(f"{who}: the token grid {grid} is not tiled by chains of {chain} "
-                     "(every grid size must be a multiple of its chain size)")
   return chain
 
 
+def _nearest_source(size: int, cells: int) -> np.ndarray:
+  """For each of ``size`` tokens along an axis, its cell of ``cells``: PyTorch's ``nearest``
+  interpolation (``F.interpolate(mode="nearest")``), which computes ``floor(i · (cells / size))``
+  in float32 (exactly ``i // chain`` when the chain divides the size)."""
+  scale = np.float32(cells) / np.float32(size)
+  return np.minimum(np.floor(np.arange(size, dtype=np.float32) * scale).astype(np.int64),
+                    cells - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiling(grid: tuple[int, int, int], chain: tuple[int, int, int]):
+  """``(sources, strata, counts)``: per axis the cell of every token; per cell its stratum (the
+  index of its chain size); per stratum ``(number of cells, tokens per chain)``."""
+  cells = tuple(-(-g // c) for g, c in zip(grid, chain))
+  sources = tuple(_nearest_source(g, m) for g, m in zip(grid, cells))
+  sizes = _cell_sizes(sources)
+  size_of_cell = np.stack(np.meshgrid(*sizes, indexing="ij"), -1).reshape(-1, 3)
+  kinds, strata = np.unique(size_of_cell, axis=0, return_inverse=True)
+  counts = tuple((int(np.sum(strata == k)), int(np.prod(kinds[k]))) for k in range(len(kinds)))
+  return sources, strata.reshape(-1), counts
+
+
+def _masked_count(grid, chain, ratio) -> tuple[tuple[int, ...], int]:
+  """Chains masked per stratum, and the tokens they hide."""
+  _, _, counts = _tiling(grid, chain)
+  per_stratum = tuple(int(ratio * n) for n, _ in counts)
+  return per_stratum, sum(k * size for k, (_, size) in zip(per_stratum, counts))
+
+
 def chain_mask(key: Array, grid: Sequence[int], ratio: float, chain: Sequence[int]) -> Array:
-  """Masks ``int(ratio · n_chains)`` whole chains chosen uniformly at random.
+  """Masks ``int(ratio · n)`` whole chains of each chain size, chosen uniformly at random.
 
   Args:
     key: a PRNG key; the same key gives the same mask.
     grid: the token grid ``(L', H', W')``.
     ratio: fraction of the chains to mask, in ``[0, 1)``.
-    chain: chain size ``(lc, hc, wc)``; each must divide its grid size.
+    chain: chain size ``(lc, hc, wc)``; a size that does not divide its grid size gives chains
+      of two sizes along that axis (the module docstring).
 
   Returns:
     bool ``(L', H', W')``, True = masked.
@@ -87,26 +121,41 @@ def chain_mask(key: Array, grid: Sequence[int], ratio: float, chain: Sequence[in
   grid = _check_grid(grid, "chain_mask")
   ratio = _check_ratio(ratio, "chain_mask")
   chain = _check_chain(grid, chain, "chain_mask")
-  return _draw_chains(key, grid, int(ratio * int(np.prod(grid) // np.prod(chain))), chain)
+  return _draw_chains(key, grid, _masked_count(grid, chain, ratio)[0], chain)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw_chains(key, grid, n_masked, chain):
-  cells = tuple(g // c for g, c in zip(grid, chain))
-  # Rank every chain by a random permutation; the first n_masked ranks are masked.
-  rank = jax.random.permutation(key, int(np.prod(cells)))
-  masked = (rank < n_masked).reshape(cells)
-  for axis, c in enumerate(chain):
-    masked = jnp.repeat(masked, c, axis=axis, total_repeat_length=grid[axis])
-  return masked
+def _draw_chains(key, grid, per_stratum, chain):
+  sources, strata, counts = _tiling(grid, chain)
+  n_cells = strata.size
+  # Rank every chain by a random permutation; within each stratum the chains of the lowest
+  # ranks are masked (with one stratum, the first per_stratum[0] ranks).
+  rank = jax.random.permutation(key, n_cells)
+  if len(counts) == 1:
+    masked = rank < per_stratum[0]
+  else:
+    order = jnp.argsort(jnp.asarray(strata) * n_cells + rank)  # stratum by stratum, by rank
+    # Sorted position p holds a cell of stratum sorted_strata[p], of rank p - (that stratum's
+    # first position) within it.
+    sorted_strata = np.sort(strata)
+    starts = np.searchsorted(sorted_strata, np.arange(len(counts)))
+    rank_in_stratum = jnp.zeros(n_cells, jnp.int32).at[order].set(
+        jnp.asarray(np.arange(n_cells) - starts[sorted_strata], jnp.int32))
+    masked = rank_in_stratum < jnp.asarray(np.asarray(per_stratum)[strata], jnp.int32)
+  masked = masked.reshape(tuple(len(sizes) for sizes in _cell_sizes(sources)))
+  return masked[np.ix_(*sources)]
+
+
+def _cell_sizes(sources):
+  return [np.bincount(src) for src in sources]
 
 
 def stc_mask(key: Array, grid: Sequence[int], ratio: float, time_chain: int = 2,
              space_chain: int = 4) -> Array:
   """Spatial-temporal chained mask: chains of ``time_chain × space_chain × space_chain`` tokens.
 
-  ``grid (L', H', W')`` -> bool ``(L', H', W')`` with ``int(ratio · n_chains)`` chains masked.
-  A grid the chain size does not divide is a ``ValueError``.
+  ``grid (L', H', W')`` -> bool ``(L', H', W')`` with ``int(ratio · n_chains)`` chains masked
+  (per chain size, on a grid the chain size does not divide: the module docstring).
   """
   return chain_mask(key, grid, ratio, (time_chain, space_chain, space_chain))
 
@@ -142,8 +191,7 @@ def num_masked(grid: Sequence[int], ratio: float, kind: str = "stc", **options) 
   grid = _check_grid(grid, "num_masked")
   ratio = _check_ratio(ratio, "num_masked")
   chain = _check_chain(grid, _chain_of(kind, grid, options), f"{kind} mask")
-  n_chains = int(np.prod([g // c for g, c in zip(grid, chain)]))
-  return int(ratio * n_chains) * int(np.prod(chain))
+  return _masked_count(grid, chain, ratio)[1]
 
 
 def batched_mask(key: Array, batch_size: int, grid: Sequence[int], ratio: float,
@@ -166,14 +214,15 @@ def batched_mask(key: Array, batch_size: int, grid: Sequence[int], ratio: float,
   chain = _chain_of(kind, grid, options)
   _check_chain(grid, chain, f"{kind} mask")
   ratio = _check_ratio(ratio, "batched_mask")
-  n_masked = int(ratio * int(np.prod(grid) // np.prod(chain)))
-  return _draw_batch(key, int(batch_size), grid, n_masked, tuple(int(c) for c in chain))
+  chain = tuple(int(c) for c in chain)
+  per_stratum = _masked_count(grid, chain, ratio)[0]
+  return _draw_batch(key, int(batch_size), grid, per_stratum, chain)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _draw_batch(key, batch_size, grid, n_masked, chain):
+def _draw_batch(key, batch_size, grid, per_stratum, chain):
   keys = jax.random.split(key, batch_size)
-  return jax.vmap(lambda k: _draw_chains(k, grid, n_masked, chain))(keys)
+  return jax.vmap(lambda k: _draw_chains(k, grid, per_stratum, chain))(keys)
 
 
 # ---- index transforms -----------------------------------------------------------------------

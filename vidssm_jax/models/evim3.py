@@ -664,7 +664,7 @@ class EViM3(nn.Module):
     visible-token encoder needs the number of visible tokens as a static shape."""
     chains = {k: int(options[k]) for k in ("time_chain", "space_chain") if k in options}
     model = self.clone(mask_kind=kind, mask_ratio=float(ratio), **chains)
-    model.num_masked  # noqa: B018  (raises if the chains do not tile the token grid)
+    model.num_masked  # noqa: B018  (raises on mask settings that do not apply)
     return model
 
   # ---- static geometry (usable on an unbound module) ------------------------------------------
