@@ -204,9 +204,7 @@ class EndoMamba(nn.Module):
 
   @property
   def mamba(self) -> MambaConfig:
-    return MambaConfig(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-                       dtype=self.dtype, scan_backend=self.scan_backend,
-                       chunk_size=self.chunk_size)
+    return MambaConfig.of(self)
 
   @property
   def intermediate_layers(self) -> tuple[int, int, int]:

@@ -102,6 +102,14 @@ class MambaConfig:
         raise ValueError(f"MambaConfig: {name} must be a positive int, got {value!r}")
 
 
+  @classmethod
+  def of(cls, module) -> "MambaConfig":
+    """The config of a model that declares the Mamba settings as its own fields (EndoMamba,
+    E-ViM³, VideoMamba declare them flat, so that ``--config.model.d_state=...`` reaches them)."""
+    return cls(**{f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(module, f.name)})
+
+
 def check_scan_backend(name: str) -> None:
   """Raises a one-line ValueError unless ``name`` is ``"auto"`` or a registered backend."""
   names = ["auto"] + available_backends()
