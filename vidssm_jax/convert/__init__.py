@@ -61,6 +61,7 @@ SOURCES = {
     "endomamba": "vidssm_jax.convert.endomamba:backbone_recipe",
     "endomamba_pretrain": "vidssm_jax.convert.endomamba:pretrain_recipe",
     "videomamba": "vidssm_jax.convert.videomamba:recipe",
+    "videomae": "vidssm_jax.convert.videomae:recipe",
 }
 STRIPPED_PREFIXES = ("module.", "model.")
 

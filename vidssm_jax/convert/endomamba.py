@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from vidssm_jax.convert import (CONV1D_DEPTHWISE, LINEAR, Recipe, Rule, Transform, layer_norm,
                                 linear, reshape_from)
+from vidssm_jax.convert.videomae import vit_block_rules
 
 # torch Conv3d patch embedding with temporal kernel 1 (dim, C, 1, p, p) <-> our 2D nn.Conv
 # kernel (p, p, C, dim).
@@ -122,15 +123,7 @@ def pretrain_recipe(model) -> Recipe:
   rules = backbone_rules(bb, "backbone/", "encoder.")
   rules += linear("decoder/embed", "encoder_to_decoder", bias=False)
   rules += [Rule("decoder/mask_token", "mask_token", reshape_from((1, 1, model.decoder_dim)))]
-  blocks, theirs = "decoder/stack/blocks", "decoder.blocks.{i}"
-  rules += layer_norm(f"{blocks}/norm1", f"{theirs}.norm1")
-  rules += layer_norm(f"{blocks}/norm2", f"{theirs}.norm2")
-  rules += linear(f"{blocks}/attn/qkv", f"{theirs}.attn.qkv", bias=False)
-  rules += [Rule(f"{blocks}/attn/q_bias", f"{theirs}.attn.q_bias"),
-            Rule(f"{blocks}/attn/v_bias", f"{theirs}.attn.v_bias")]
-  rules += linear(f"{blocks}/attn/proj", f"{theirs}.attn.proj")
-  rules += linear(f"{blocks}/fc1", f"{theirs}.mlp.fc1")
-  rules += linear(f"{blocks}/fc2", f"{theirs}.mlp.fc2")
+  rules += vit_block_rules("decoder/stack/blocks", "decoder.blocks.{i}")
   rules += layer_norm("decoder/norm", "decoder.norm") + linear("decoder/head", "decoder.head")
   grid = bb.grid_size  # a tube mask with the model's count of masked patches a frame
   masked = (jnp.arange(grid * grid) < model.num_masked).reshape(grid, grid)

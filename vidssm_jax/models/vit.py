@@ -6,6 +6,11 @@ alignment during EndoMamba pretraining, and the speed baseline of ``bench.stream
     blocks        pre-norm: x + attn(LN(x)); x + MLP(LN(x)); attention over all tokens of the clip
     norm          LayerNorm -> tokens (b, t/tt, n, dim)
 
+``use_mean_pooling=True`` is VideoMAE(-v2)'s fine-tuned layout: no final norm on the tokens, and
+with ``num_classes > 0`` the output is ``head(fc_norm(mean of the tokens))`` ``(b, num_classes)``
+(the layout of its released checkpoints, ``convert`` source ``"videomae"``); ``k_bias=False``
+gives its attention biases (``q_bias``, ``v_bias``, none on the keys).
+
 With the default tubelet ``(1, 16, 16)`` the tokens line up one to one with EndoMamba's
 per-frame patches. Attention costs O((t·n)²), which is why recomputing a T-frame window for
 every new frame slows down with T.
@@ -18,10 +23,11 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vidssm_jax.models.registry import register
 from vidssm_jax.nn.layers import REMAT_POLICIES, drop_path, layer_stack, partitioned
-from vidssm_jax.nn.video import check_video, sinusoidal_embedding
+from vidssm_jax.nn.video import check_video
 
 Array = jax.Array
 Dtype = Any
@@ -144,6 +150,9 @@ class VideoViT(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: str = "none"  # per scanned block: "none" | "full" | "dots" (nn/layers.py)
+  k_bias: bool = True  # False: q and v biases only, as VideoMAE (Attention)
+  use_mean_pooling: bool = False  # VideoMAE's fine-tuned layout (module docstring)
+  num_classes: int = 0  # > 0 (with use_mean_pooling): a classification head
 
   @property
   def grid_size(self) -> int:
@@ -167,6 +176,9 @@ class VideoViT(nn.Module):
     if self.img_size % self.patch_size or self.dim % self.num_heads:
       raise ValueError(f"VideoViT: img_size={self.img_size} must be a multiple of patch_size="
                        f"{self.patch_size} and dim={self.dim} of num_heads={self.num_heads}")
+    if self.num_classes and not self.use_mean_pooling:
+      raise ValueError("VideoViT: num_classes > 0 needs use_mean_pooling=True (the head reads "
+                       "the mean of the tokens)")
     p, tt, g = self.patch_size, self.tubelet, self.grid_size
     x = nn.Conv(self.dim, (tt, p, p), strides=(tt, p, p), padding="VALID", dtype=self.dtype,
                 name="patch_embed",
@@ -175,12 +187,28 @@ class VideoViT(nn.Module):
                 bias_init=partitioned(nn.initializers.zeros, "embed"))(video.astype(self.dtype))
     t_out, n = t // tt, g * g
     x = x.reshape(b, t_out * n, self.dim)
-    x = x + sinusoidal_embedding(jnp.arange(t_out * n), self.dim).astype(x.dtype)
+    x = x + jnp.asarray(sinusoidal_table(t_out * n, self.dim), x.dtype)
     x = ViTStack(self.dim, self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias,
                  self.norm_eps, self.drop_path_rate, self.dtype, self.attention_impl, self.remat,
-                 name="stack")(x, train=train)
-    x = vit_layer_norm(self.norm_eps, self.dtype, "norm")(x)
+                 self.k_bias, name="stack")(x, train=train)
+    if self.use_mean_pooling:
+      if self.num_classes:
+        pooled = vit_layer_norm(self.norm_eps, self.dtype, "fc_norm")(jnp.mean(x, axis=1))
+        return _dense(self.num_classes, "head", self.dtype, ("embed", None))(pooled)
+    else:
+      x = vit_layer_norm(self.norm_eps, self.dtype, "norm")(x)
     return x.reshape(b, t_out, n, self.dim)
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
+  """``sinusoidal_embedding`` of positions ``0 .. num_positions - 1``, computed in float64 at
+  trace time (as VideoMAE's table): float32 angles of positions in the thousands are off by
+  ~1e-4 in their sines."""
+  if dim % 2:
+    raise ValueError(f"sinusoidal_table: dim must be even, got {dim}")
+  angle = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(
+      10000.0, np.arange(0, dim, 2, dtype=np.float64) / dim)
+  return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(num_positions, dim)
 
 
 VIT_SIZES = {"s": dict(dim=384, depth=12, num_heads=6), "b": dict(dim=768, depth=12, num_heads=12)}
@@ -196,3 +224,12 @@ def vit_s(**overrides) -> nn.Module:
 def vit_b(**overrides) -> nn.Module:
   """ViT-B/16 video (~86M parameters)."""
   return VideoViT(**{**VIT_SIZES["b"], **overrides})
+
+
+@register("vit_s_videomae")
+def vit_s_videomae(**overrides) -> nn.Module:
+  """ViT-S/16 in VideoMAE-v2's released fine-tuned layout (tubelet 2, q and v biases, mean
+  pooling, a 710-way Kinetics-710 head as its distilled ViT-S): the target of ``python -m
+  vidssm_jax.convert --from videomae --preset vit_s_videomae`` (22,153,286 parameters)."""
+  return VideoViT(**{**VIT_SIZES["s"], "tubelet": 2, "k_bias": False, "use_mean_pooling": True,
+                     "num_classes": 710, **overrides})
