@@ -23,11 +23,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vidssm_jax.models.registry import register
 from vidssm_jax.nn.layers import REMAT_POLICIES, drop_path, layer_stack, partitioned
-from vidssm_jax.nn.video import check_video
+from vidssm_jax.nn.video import check_video, sinusoidal_table
 
 Array = jax.Array
 Dtype = Any
@@ -198,17 +197,6 @@ class VideoViT(nn.Module):
     else:
       x = vit_layer_norm(self.norm_eps, self.dtype, "norm")(x)
     return x.reshape(b, t_out, n, self.dim)
-
-
-def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
-  """``sinusoidal_embedding`` of positions ``0 .. num_positions - 1``, computed in float64 at
-  trace time (as VideoMAE's table): float32 angles of positions in the thousands are off by
-  ~1e-4 in their sines."""
-  if dim % 2:
-    raise ValueError(f"sinusoidal_table: dim must be even, got {dim}")
-  angle = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(
-      10000.0, np.arange(0, dim, 2, dtype=np.float64) / dim)
-  return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(num_positions, dim)
 
 
 VIT_SIZES = {"s": dict(dim=384, depth=12, num_heads=6), "b": dict(dim=768, depth=12, num_heads=12)}

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -24,6 +25,17 @@ def sinusoidal_embedding(positions: Array, dim: int) -> Array:
   freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   angle = jnp.asarray(positions, jnp.float32)[..., None] * freq
   return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*angle.shape[:-1], dim)
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
+  """``sinusoidal_embedding`` of positions ``0 .. num_positions - 1`` as a NumPy table computed in
+  float64 (as VideoMAE's and EndoMamba's decoder tables are): float32 angles of positions in the
+  thousands are off by ~1e-4 in their sines. For static positions (a table of the clip)."""
+  if dim % 2:
+    raise ValueError(f"sinusoidal_table: dim must be even, got {dim}")
+  angle = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(
+      10000.0, np.arange(0, dim, 2, dtype=np.float64) / dim)
+  return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(num_positions, dim)
 
 
 def check_video(video, *, img_size: int, in_chans: int, ndim: int = 5, who: str = "EndoMamba"):
