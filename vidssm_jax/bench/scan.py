@@ -151,7 +151,14 @@ def floor_bytes(b, l, d, n, itemsize):
 
 
 def _scan_fn(backend: str, config=None):
-  """``f(x) -> y`` for the mixer's call, through the public entry or a fused config."""
+  """``f(x) -> y`` for the mixer's call, through the public entry or a fused config.
+
+  ``pallas-auto`` is the Pallas backend with the length split chosen by shape
+  (``PallasConfig(segments=None)``), timed beside the default so the table shows what it buys.
+  """
+  if backend == "pallas-auto":
+    from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG
+    backend, config = "pallas", dataclasses.replace(DEFAULT_CONFIG, segments=None)
   if config is None:
     return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                     x["delta_bias"], delta_softplus=True, backend=backend,
@@ -371,9 +378,11 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
   for name in names:
     r = results.get((shape, dtype, name))
     label = peer_label if name == "torch" else name
-    if name == "pallas":
+    if name in ("pallas", "pallas-auto"):
       from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG, segments_for
-      label = f"pallas (segments {segments_for(b, l, d, DEFAULT_CONFIG)})"
+      config = dataclasses.replace(DEFAULT_CONFIG, segments=None if name != "pallas" else
+                                   DEFAULT_CONFIG.segments)
+      label = f"{name} (segments {segments_for(b, l, d, config)})"
     if isinstance(r, str):
       print(f"  {label:<40} failed: {r}")
     elif r is not None:
@@ -385,7 +394,7 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
 
 
 def _print_summary(shapes, dtypes, backends, results, peer_label):
-  fused = [b for b in backends if b in FUSED]
+  fused = [b for b in backends if b in FUSED + ("pallas-auto",)]
   if not fused:
     return
   print(f"\nsummary: best fused backend vs {peer_label} and vs associative (ratios < 1: ours "
