@@ -150,6 +150,13 @@ def floor_bytes(b, l, d, n, itemsize):
   return forward, forward + (y + inputs + inputs)
 
 
+def _pallas_config(name: str):
+  """The Pallas config behind a table column: the default, or ``pallas-auto``'s (segments=None)."""
+  from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG
+  return dataclasses.replace(DEFAULT_CONFIG, segments=None) if name == "pallas-auto" else \
+      DEFAULT_CONFIG
+
+
 def _scan_fn(backend: str, config=None):
   """``f(x) -> y`` for the mixer's call, through the public entry or a fused config.
 
@@ -157,8 +164,7 @@ def _scan_fn(backend: str, config=None):
   (``PallasConfig(segments=None)``), timed beside the default so the table shows what it buys.
   """
   if backend == "pallas-auto":
-    from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG
-    backend, config = "pallas", dataclasses.replace(DEFAULT_CONFIG, segments=None)
+    backend, config = "pallas", _pallas_config(backend)
   if config is None:
     return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                     x["delta_bias"], delta_softplus=True, backend=backend,
@@ -379,10 +385,8 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
     r = results.get((shape, dtype, name))
     label = peer_label if name == "torch" else name
     if name in ("pallas", "pallas-auto"):
-      from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG, segments_for
-      config = dataclasses.replace(DEFAULT_CONFIG, segments=None if name != "pallas" else
-                                   DEFAULT_CONFIG.segments)
-      label = f"{name} (segments {segments_for(b, l, d, config)})"
+      from vidssm_jax.ops.selective_scan_pallas import segments_for
+      label = f"{name} (segments {segments_for(b, l, d, _pallas_config(name))})"
     if isinstance(r, str):
       print(f"  {label:<40} failed: {r}")
     elif r is not None:
