@@ -854,6 +854,8 @@ def main(argv=None):
                       help="default: every backend here (the table leaves out 'reference' "
                            "on GPU, where it takes minutes at these shapes)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer column")
+  parser.add_argument("--segments", nargs="*", type=int, default=None,
+                      help=f"--sweep-segments values (default {' '.join(map(str, SEGMENT_SWEEP))})")
   args = parser.parse_args(argv)
   # JAX must leave GPU memory for PyTorch's peer column in the same process.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.7")
@@ -875,7 +877,7 @@ def main(argv=None):
     return 1 if run_check(backends, dtypes or ["float32", "bfloat16"]) else 0
   if args.sweep_segments:
     run_segment_sweep(parse(args.shapes) if args.shapes else GPU_SHAPES,
-                      dtypes or ["bfloat16"])
+                      dtypes or ["bfloat16"], tuple(args.segments or SEGMENT_SWEEP))
     return 0
   if args.sweep:
     backends = args.backends or [b for b in available_backends() if b in FUSED]
