@@ -23,7 +23,7 @@ import ml_collections
 def model_config(**fields):
   """``config.model``: overrides of ``create_model``. Every config declares the scan settings,
   so ``--config.model.scan_backend=associative`` works everywhere: ``scan_backend`` "auto" |
-  "reference" | "associative" | "pallas" | "triton" (``vidssm_jax.ops.selective_scan``),
+  "reference" | "associative" | "pallas" (``vidssm_jax.ops.selective_scan``),
   ``chunk_size`` of the associative backend, ``remat`` per scanned layer "none" | "full" |
   "dots" (README, "Training")."""
   return ml_collections.ConfigDict(dict(scan_backend="auto", chunk_size=64, remat="none",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Downloads the wheels the lent GPU machine lacks (it has jax, flax, optax, orbax, torch, triton,
-# but no network and no grain / array_record / ml_collections / jax_triton) into .whl/ (git-ignored),
+# but no network and no grain / array_record / ml_collections) into .whl/ (git-ignored),
 # for Python 3.12 on manylinux x86_64. A device run then installs them first:
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -19,7 +19,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
-  "grain==0.2.18" "array-record==0.8.6" "ml-collections==1.1.0" "portpicker" "jax-triton==0.3.1"
+  "grain==0.2.18" "array-record==0.8.6" "ml-collections==1.1.0" "portpicker"
 if [[ "${1:-}" == "--mamba-ssm" ]]; then
   mkdir -p .whl/src
   # The sdist through pip itself. `pip download` prepares the package's metadata by running its

@@ -2,9 +2,10 @@
 
     python -m vidssm_jax.bench.scan                  # speed table (GPU: the issue's four shapes)
     python -m vidssm_jax.bench.scan --check          # every backend vs a float64 NumPy oracle
-    python -m vidssm_jax.bench.scan --sweep          # fused-kernel variants at (8, 1568, 768, 16)
+    python -m vidssm_jax.bench.scan --sweep          # Pallas kernel variants at (8, 1568, 768, 16)
     python -m vidssm_jax.bench.scan --sweep-segments # the Pallas length split, per table shape
-    python -m vidssm_jax.bench.scan --compile-only   # offline sm_90 compile (CPU, needs triton)
+    python -m vidssm_jax.bench.scan --compile-only   # offline sm_90 compile of the Pallas kernels
+                                                     # (CPU, needs the triton package's compiler)
 
 Common flags: ``--shapes b,l,d,n ...``, ``--dtypes float32 bfloat16``, ``--backends ...``.
 
@@ -20,23 +21,24 @@ bytes read + written). On GPU, PyTorch's ``mamba_ssm`` ``selective_scan_fn`` run
 inputs in the same process, timed with CUDA events: built by ``bench/mamba_ssm_build.py`` into
 ``$VIDSSM_MAMBA_BUILD`` (or importable as ``mamba_ssm``); when neither works, a pure-PyTorch
 reference scan (mamba_ssm's ``selective_scan_ref``) is timed instead and labelled so. The
-summary at the end gives, per shape and dtype, the fastest fused backend against mamba_ssm and
-against the associative backend.
+summary at the end gives, per shape and dtype, the faster of the fused Pallas columns
+(``pallas``, ``pallas-auto``) against mamba_ssm and against the associative backend.
 
 **Check.** On the current device, every backend's forward output, final state and gradients of
 u, delta, A, B, C, D, z, delta_bias and initial_state against a float64 NumPy oracle (forward
 and reverse-mode, written here), on fresh random inputs for the awkward cases of the tests
 (lengths 1, 7, 257, 1000; groups 1 and 2; reverse; initial state; with and without D, z,
-delta_bias); float32 within 1e-5 and bfloat16 within 2e-2 relative. The fused kernels run with
-their outputs pre-filled (NaN for Pallas, zeros for Triton) so a missed element shows.
+delta_bias); float32 within 1e-5 and bfloat16 within 2e-2 relative. The fused Pallas kernel
+runs with its outputs pre-filled with NaN so a missed element shows.
 
-**Sweep.** Times block-shape variants of the fused kernels (forward, forward+backward) at
-(8, 1568, 768, 16) and prints the best per backend: the numbers to put into their
-``DEFAULT_CONFIG``. All variants compile in parallel threads first.
+**Sweep.** Times block-shape variants of the fused Pallas kernel (forward, forward+backward) at
+(8, 1568, 768, 16) and prints the best: the numbers to put into its ``DEFAULT_CONFIG``. All
+variants compile in parallel threads first.
 
-**Compile only.** Compiles the default and sweep variants of both fused kernels for sm_90
-with the ``triton`` package (no GPU needed) and prints registers, spills and instruction counts
-per kernel: the cheap way to see whether a block shape spills before spending GPU time.
+**Compile only.** Lowers the default and sweep variants of the Pallas forward and backward
+kernels to Triton IR (Pallas' GPU lowering) and compiles them for sm_90 with the ``triton``
+package's compiler (no GPU needed), then prints registers, spills and instruction counts per
+kernel: the cheap way to see whether a block shape spills before spending GPU time.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 from typing import Optional
 import time
 
@@ -74,7 +75,7 @@ GPU_SHAPES = [
 ]
 SWEEP_SHAPE = (8, 1568, 768, 16)
 SEGMENT_SWEEP = (1, 2, 4, 8, 16, 32, 64)  # --sweep-segments: PallasConfig.segments values
-FUSED = ("pallas", "triton")
+FUSED = ("pallas",)  # the fused-kernel backend (--sweep, --compile-only, the summary)
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 _REFERENCE_MAX_ELEMENTS = 1 << 28  # b·l·d·n up to which the pure-PyTorch reference is timed
 
@@ -158,7 +159,7 @@ def _pallas_config(name: str):
 
 
 def _scan_fn(backend: str, config=None):
-  """``f(x) -> y`` for the mixer's call, through the public entry or a fused config.
+  """``f(x) -> y`` for the mixer's call, through the public entry or a Pallas config.
 
   ``pallas-auto`` is the Pallas backend with the length split chosen by shape
   (``PallasConfig(segments=None)``), timed beside the default so the table shows what it buys.
@@ -169,18 +170,10 @@ def _scan_fn(backend: str, config=None):
     return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                     x["delta_bias"], delta_softplus=True, backend=backend,
                                     initial_state=x.get("initial_state"))
-  entry = _fused_entry(backend)
+  from vidssm_jax.ops.selective_scan_pallas import selective_scan_pallas as entry
   return lambda x: entry(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                          x["delta_bias"], True, config=config,
                          initial_state=x.get("initial_state"))
-
-
-def _fused_entry(backend: str):
-  if backend == "pallas":
-    from vidssm_jax.ops.selective_scan_pallas import selective_scan_pallas
-    return selective_scan_pallas
-  from vidssm_jax.ops.selective_scan_triton import selective_scan_triton
-  return selective_scan_triton
 
 
 def _jitted_pair(fn, x):
@@ -194,25 +187,15 @@ def _jitted_pair(fn, x):
   return jax.jit(fn), jax.jit(fwd_bwd), dy
 
 
-_TRITON_LOWERING = threading.Lock()
-
-
 def _compile_all(jobs, workers=None):
   """Lowers and compiles ``{key: (jitted, args)}`` in parallel threads; ``{key: compiled or
-  the exception}``. XLA (and the Pallas kernels' Triton compile inside it) releases the GIL;
-  jax_triton compiles its kernels in Python while lowering, so those lowerings take turns
-  (Triton's compiler is not known to be thread-safe) while the rest goes on."""
+  the exception}``. XLA (and the Pallas kernels' Triton compile inside it) releases the GIL."""
   workers = workers or min(16, os.cpu_count() or 1)
 
   def build(item):
     key, (fn, args) = item
     try:
-      if "triton" in key:
-        with _TRITON_LOWERING:
-          lowered = fn.lower(*args)
-      else:
-        lowered = fn.lower(*args)
-      return key, lowered.compile()
+      return key, fn.lower(*args).compile()
     except Exception as e:  # a variant that does not compile is reported, not fatal
       return key, e
 
@@ -401,7 +384,7 @@ def _print_summary(shapes, dtypes, backends, results, peer_label):
   fused = [b for b in backends if b in FUSED + ("pallas-auto",)]
   if not fused:
     return
-  print(f"\nsummary: best fused backend vs {peer_label} and vs associative (ratios < 1: ours "
+  print(f"\nsummary: best fused column vs {peer_label} and vs associative (ratios < 1: ours "
         "faster)")
   print(f"  {'shape':<22} {'dtype':<9} {'fwd':>16} {'f+b':>16} {'/torch f':>9} "
         f"{'/torch fb':>9} {'/assoc f':>9} {'/assoc fb':>9}")
@@ -525,16 +508,12 @@ def _check_inputs(case, n, d, dtype, seed):
 
 
 def _check_fn(backend, names, reverse):
-  """jit-able f(args, dy, dh) -> (y, h, grads) through the backend (fused: outputs prefilled)."""
-  if backend in FUSED:
-    if backend == "pallas":
-      from vidssm_jax.ops import selective_scan_pallas as m
-      config = dataclasses.replace(m.DEFAULT_CONFIG, poison_outputs=True)
-    else:
-      from vidssm_jax.ops import selective_scan_triton as m
-      config = dataclasses.replace(m.DEFAULT_CONFIG, zero_outputs=True)
-    entry = _fused_entry(backend)
-    scan = lambda **kw: entry(**kw, config=config)
+  """jit-able f(args, dy, dh) -> (y, h, grads) through the backend (Pallas: outputs prefilled
+  with NaN)."""
+  if backend == "pallas":
+    from vidssm_jax.ops import selective_scan_pallas as m
+    config = dataclasses.replace(m.DEFAULT_CONFIG, poison_outputs=True)
+    scan = lambda **kw: m.selective_scan_pallas(**kw, config=config)
   else:
     scan = lambda **kw: selective_scan(**kw, backend=backend)
 
@@ -611,21 +590,14 @@ def _rel_err(actual, expected) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def sweep_variants(backend):
-  """(label, config) pairs: the default first, then a handful around it."""
-  if backend == "pallas":
-    from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
-    changes = [dict(), dict(block_d=32, num_warps=4), dict(block_d=64, num_warps=4),
-               dict(block_d=16, num_warps=1), dict(chunk=4), dict(bwd_block_d=8),
-               dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
-               dict(bwd_recompute_decay=False),
-               dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True)]
-  else:
-    from vidssm_jax.ops.selective_scan_triton import DEFAULT_CONFIG as base
-    changes = [dict(), dict(block_d=32), dict(block_d=8), dict(chunk=64, bwd_chunk=32),
-               dict(chunk=16, bwd_chunk=16), dict(bwd_chunk=32),
-               dict(num_warps=1, bwd_num_warps=1), dict(num_warps=2, bwd_num_warps=2),
-               dict(atomic_dbc=True)]
+def sweep_variants():
+  """(label, config) pairs of the Pallas kernel: the default first, then a handful around it."""
+  from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
+  changes = [dict(), dict(block_d=32, num_warps=4), dict(block_d=64, num_warps=4),
+             dict(block_d=16, num_warps=1), dict(chunk=4), dict(bwd_block_d=8),
+             dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
+             dict(bwd_recompute_decay=False),
+             dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True)]
   out = []
   for change in changes:
     label = ",".join(f"{k}={v}" for k, v in change.items()) or "default"
@@ -634,8 +606,7 @@ def sweep_variants(backend):
 
 
 # The config fields the forward kernel depends on: variants equal in these share its timing.
-_FORWARD_FIELDS = {"pallas": ("block_d", "num_warps", "chunk", "prefetch", "num_stages"),
-                   "triton": ("block_d", "min_block_d", "chunk", "num_warps", "num_stages")}
+_FORWARD_FIELDS = ("block_d", "num_warps", "chunk", "prefetch", "num_stages")
 
 
 def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):
@@ -644,9 +615,9 @@ def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):
     jobs, forward_of = {}, {}
     for backend in [b for b in backends if b in FUSED]:
       seen = {}
-      for label, config in sweep_variants(backend):
+      for label, config in sweep_variants():
         fwd, fb, dy = _jitted_pair(_scan_fn(backend, config), x)
-        fields = tuple(getattr(config, f) for f in _FORWARD_FIELDS[backend])
+        fields = tuple(getattr(config, f) for f in _FORWARD_FIELDS)
         forward_of[(backend, label)] = seen.setdefault(fields, label)
         if forward_of[(backend, label)] == label:  # a forward not timed yet
           jobs[(backend, label, "f")] = (fwd, (x,))
@@ -779,51 +750,17 @@ def pallas_ttir(config, shape, dtype=jnp.float32):
   return list(zip(["fwd", "bwd"], captured))
 
 
-def triton_compile_stats(config, shape, dtype="fp32"):
-  """Compiles the Triton backend's kernels for sm_90 offline; ``[(name, stats)]``."""
-  import triton
-  from triton.backends.compiler import GPUTarget
-  from vidssm_jax.ops.selective_scan_triton import _pow2_at_least, choose_block_d
-  from vidssm_jax.ops.selective_scan_triton import triton_kernels
-  b, l, d, n = shape
-  common = dict(L=l, DIM=d, G=1, N=_pow2_at_least(n), BLOCK_D=choose_block_d(b, d, 1, config),
-                HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=False)
-  forward, backward = triton_kernels()
-  out = []
-  for name, fn, extra, warps in (
-      ("fwd", forward, dict(CHUNK=config.chunk, SAVE=True), config.num_warps),
-      ("bwd", backward, dict(CHUNK=config.bwd_chunk, SAVED_CHUNK=config.chunk,
-                             ATOMIC_DBC=config.atomic_dbc), config.bwd_num_warps)):
-    constexprs = {**common, **extra}
-    half = {"u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr", "dy_ptr", "du_ptr",
-            "ddelta_ptr", "dz_ptr"}
-    signature = {a: "constexpr" if a in constexprs else (f"*{dtype}" if a in half else "*fp32")
-                 for a in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if a not in constexprs}  # jax_triton's assumption: 16-byte aligned arrays
-    source = triton.compiler.ASTSource(
-        fn=fn, signature=signature, attrs=attrs,
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=warps, num_stages=config.num_stages))
-    out.append((name, _ptx_stats(kernel.asm["ptx"])))
-  return out
-
-
 def run_compile_only(backends, shape=SWEEP_SHAPE):
   print(f"offline sm_90 compile at {shape} float32 (triton's ptxas): registers per thread, "
         "spill bytes, and ex2 / shfl / bar.sync counts in the PTX")
   print(f"  {'backend':<8} {'variant':<40} {'kernel':<4} {'regs':>5} {'spill':>6} {'ex2':>5} "
         f"{'shfl':>6} {'bar':>5} {'ptx lines':>9}")
   for backend in [b for b in backends if b in FUSED]:
-    for label, config in sweep_variants(backend):
+    for label, config in sweep_variants():
       try:
-        if backend == "pallas":
-          stats = [(name, _compile_ttir(text, warps, config.num_stages))
-                   for (name, text), warps in zip(pallas_ttir(config, shape),
-                                                  (config.num_warps, config.bwd_num_warps))]
-        else:
-          stats = triton_compile_stats(config, shape)
+        stats = [(name, _compile_ttir(text, warps, config.num_stages))
+                 for (name, text), warps in zip(pallas_ttir(config, shape),
+                                                (config.num_warps, config.bwd_num_warps))]
       except Exception as e:
         print(f"  {backend:<8} {label:<40} failed: {_short_error(e)}")
         continue
@@ -839,11 +776,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--check", action="store_true", help="compare every backend to the oracle")
-  mode.add_argument("--sweep", action="store_true", help="time fused-kernel variants")
+  mode.add_argument("--sweep", action="store_true",
+                    help="time block-shape variants of the Pallas kernel")
   mode.add_argument("--sweep-segments", action="store_true",
                     help="time the Pallas length split (PallasConfig.segments) per shape")
   mode.add_argument("--compile-only", action="store_true",
-                    help="compile the fused kernels for sm_90 offline (needs triton)")
+                    help="compile the Pallas kernels for sm_90 offline (needs the triton "
+                         "package's compiler, no GPU)")
   parser.add_argument("--shapes", nargs="*", default=None,
                       help="b,l,d,n tuples; default depends on the platform and mode")
   parser.add_argument("--dtypes", nargs="*", default=None, choices=["float32", "bfloat16"],

@@ -27,8 +27,6 @@ Backends (``backend=``):
 - ``"pallas"``: one fused Pallas kernel per direction (``selective_scan_pallas.py``). On GPU it
   compiles through Pallas' Triton lowering; on CPU it runs only when named, in Pallas interpret
   mode (that is how CI checks it), and ``"auto"`` never picks it there.
-- ``"triton"``: a hand-written Triton kernel called through ``jax_triton``
-  (``selective_scan_triton.py``), GPU only, imported only when used.
 - ``"auto"``: the highest-priority backend registered for the current platform, from the
   constants below, set by ``python -m vidssm_jax.bench.scan``: ``"reference"`` on CPU (whose
   gradient keeps every state, ``O(b·l·d·n)``: name ``"associative"`` for long sequences there),
@@ -52,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import importlib.util
 import math
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -64,11 +61,10 @@ Array = jax.Array
 
 DEFAULT_CHUNK_SIZE = 64
 
-# "auto" on GPU takes the highest of these among the backends that can run there (the Triton one
-# needs jax_triton installed). Set from the fused-kernel timings of `python -m
-# vidssm_jax.bench.scan` on an H100; change them when new measurements say otherwise.
+# "auto" on GPU takes the highest of these among the backends that can run there. Set from the
+# timings of `python -m vidssm_jax.bench.scan` on an H100; change them when new measurements say
+# otherwise.
 PALLAS_GPU_PRIORITY = 30
-TRITON_GPU_PRIORITY = 20
 ASSOCIATIVE_PRIORITY = 10
 # On CPU the plain lax.scan is the fastest overall: `python -m vidssm_jax.bench.scan` on 2 cores
 # ran its forward 3-9x faster than the associative one on every shape; forward+backward was
@@ -252,10 +248,10 @@ def selective_scan(
     reverse: scan from the last step to the first (the state then flows backwards in time).
     initial_state: ``(b, d, n)`` state before the first step scanned; zeros when omitted.
     return_final_state: also return the state after the last step scanned, ``(b, d, n)``.
-    backend: ``"auto"``, ``"reference"``, ``"associative"``, ``"pallas"``, ``"triton"`` or
-      another registered backend (see the module docstring).
-    chunk_size: chunk length of the ``"associative"`` backend. The fused kernels take their
-      block shapes from their own tuned configuration (``PallasConfig``, ``TritonConfig``).
+    backend: ``"auto"``, ``"reference"``, ``"associative"``, ``"pallas"`` or another
+      registered backend (see the module docstring).
+    chunk_size: chunk length of the ``"associative"`` backend. The fused kernel takes its
+      block shapes from its own tuned configuration (``PallasConfig``).
 
   Returns:
     ``y`` ``(b, l, d)`` in ``u``'s dtype, and the final state ``(b, d, n)`` (float32) when
@@ -275,7 +271,7 @@ def call_backend(fn: Callable, u, delta, A, B, C, D=None, z=None, delta_bias=Non
   """The public entry's work around a backend function ``fn`` (the contract of the module
   docstring, its keyword options bound): checks the inputs, adds the group axis to B and C,
   makes the initial state, calls ``fn`` and returns ``y`` or ``(y, h_last)``. Also used by the
-  fused backends' explicit-config entries (``selective_scan_pallas``, ``selective_scan_triton``).
+  fused backend's explicit-config entry (``selective_scan_pallas``).
   """
   b, l, d, g, n = _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
   acc = state_dtype(u.dtype)
@@ -536,8 +532,7 @@ def _scan_associative(u, dt, A, B, C, h0, *, chunk_size=DEFAULT_CHUNK_SIZE):
 
 
 # --------------------------------------------------------------------------------------------
-# Registration. The fused kernels load lazily: importing this module must not import Pallas,
-# Triton or jax_triton (the Triton one needs a GPU jaxlib just to import).
+# Registration. The fused kernel loads lazily: importing this module must not import Pallas.
 # --------------------------------------------------------------------------------------------
 
 
@@ -551,13 +546,7 @@ def _lazy_backend(module: str, attr: str) -> Callable:
   return backend
 
 
-def _triton_is_available() -> bool:
-  return all(importlib.util.find_spec(m) is not None for m in ("triton", "jax_triton"))
-
-
 register_backend("reference", scan_backend(_scan_reference), priority=REFERENCE_PRIORITY)
 register_backend("associative", scan_backend(_scan_associative), priority=ASSOCIATIVE_PRIORITY)
 register_backend("pallas", _lazy_backend("vidssm_jax.ops.selective_scan_pallas", "pallas_backend"),
                  priority={"gpu": PALLAS_GPU_PRIORITY, "cpu": None})
-register_backend("triton", _lazy_backend("vidssm_jax.ops.selective_scan_triton", "triton_backend"),
-                 priority={"gpu": TRITON_GPU_PRIORITY}, is_available=_triton_is_available)
