@@ -131,11 +131,15 @@ def test_length_parallel_scan_matches_numpy_oracle(case, segments):
 
 
 def test_automatic_segments_by_shape():
-  config = PallasConfig(segments=None)
+  config = PallasConfig()  # the default: segments=None, chosen by shape
   assert segments_for(8, 1568, 768, config) == 1     # 768 programs of 8 channels: enough
-  assert segments_for(1, 3136, 768, config) == 8     # 96 programs: split, segments >= 256 steps
-  assert segments_for(1, 197, 768, config) == 1      # too short to split
-  assert segments_for(1, 3136, 768, PallasConfig()) == 1  # the default: no split
+  assert segments_for(4, 8192, 1536, config) == 1
+  assert segments_for(4, 33635, 384, config) == 16   # 192 programs: split to 3072
+  assert segments_for(8, 5553, 384, config) == 8
+  assert segments_for(1, 3136, 768, config) == 32
+  assert segments_for(1, 197, 768, config) == 2      # segments keep >= 64 steps
+  assert segments_for(1, 100, 768, config) == 1      # too short to split
+  assert segments_for(1, 3136, 768, PallasConfig(segments=1)) == 1  # forced: no split
 
 
 def test_public_entry_without_softplus_or_extras_and_undifferentiated():

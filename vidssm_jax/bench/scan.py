@@ -22,7 +22,7 @@ inputs in the same process, timed with CUDA events: built by ``bench/mamba_ssm_b
 ``$VIDSSM_MAMBA_BUILD`` (or importable as ``mamba_ssm``); when neither works, a pure-PyTorch
 reference scan (mamba_ssm's ``selective_scan_ref``) is timed instead and labelled so. The
 summary at the end gives, per shape and dtype, the faster of the fused Pallas columns
-(``pallas``, ``pallas-auto``) against mamba_ssm and against the associative backend.
+(``pallas``, ``pallas-s1``) against mamba_ssm and against the associative backend.
 
 **Check.** On the current device, every backend's forward output, final state and gradients of
 u, delta, A, B, C, D, z, delta_bias and initial_state against a float64 NumPy oracle (forward
@@ -152,19 +152,19 @@ def floor_bytes(b, l, d, n, itemsize):
 
 
 def _pallas_config(name: str):
-  """The Pallas config behind a table column: the default, or ``pallas-auto``'s (segments=None)."""
+  """The Pallas config behind a table column: the default, or ``pallas-s1``'s (segments=1)."""
   from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG
-  return dataclasses.replace(DEFAULT_CONFIG, segments=None) if name == "pallas-auto" else \
+  return dataclasses.replace(DEFAULT_CONFIG, segments=1) if name == "pallas-s1" else \
       DEFAULT_CONFIG
 
 
 def _scan_fn(backend: str, config=None):
   """``f(x) -> y`` for the mixer's call, through the public entry or a Pallas config.
 
-  ``pallas-auto`` is the Pallas backend with the length split chosen by shape
-  (``PallasConfig(segments=None)``), timed beside the default so the table shows what it buys.
+  ``pallas-s1`` is the Pallas backend without the length split (``PallasConfig(segments=1)``),
+  timed beside the default (split chosen by shape) so the table shows what the split buys.
   """
-  if backend == "pallas-auto":
+  if backend == "pallas-s1":
     backend, config = "pallas", _pallas_config(backend)
   if config is None:
     return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
@@ -367,7 +367,7 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
   for name in names:
     r = results.get((shape, dtype, name))
     label = peer_label if name == "torch" else name
-    if name in ("pallas", "pallas-auto"):
+    if name in ("pallas", "pallas-s1"):
       from vidssm_jax.ops.selective_scan_pallas import segments_for
       label = f"{name} (segments {segments_for(b, l, d, _pallas_config(name))})"
     if isinstance(r, str):
@@ -381,7 +381,7 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
 
 
 def _print_summary(shapes, dtypes, backends, results, peer_label):
-  fused = [b for b in backends if b in FUSED + ("pallas-auto",)]
+  fused = [b for b in backends if b in FUSED + ("pallas-s1",)]
   if not fused:
     return
   print(f"\nsummary: best fused column vs {peer_label} and vs associative (ratios < 1: ours "

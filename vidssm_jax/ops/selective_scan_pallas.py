@@ -90,9 +90,8 @@ class PallasConfig:
       an associative scan over the segments (``_carried_states``), and the same kernel runs the
       segments again from those states. Twice the kernel work, ``segments`` times the programs:
       it pays when ``b · d / block_d`` programs cannot fill the GPU (few rows, long sequences).
-      1 (the default): off. ``None``: chosen by shape (``segments_for``), a provisional rule
-      that no GPU measurement backs yet, hence not the default: the models' measured steps
-      (README) ran without the split. ``python -m vidssm_jax.bench.scan --sweep-segments``
+      ``None`` (the default): chosen by shape (``segments_for``, measured on an H200); an int
+      forces that many (1: no split). ``python -m vidssm_jax.bench.scan --sweep-segments``
       measures every value per shape.
     segment_min_length: the automatic choice keeps segments at least this long.
   """
@@ -108,8 +107,8 @@ class PallasConfig:
   interpret: Optional[bool] = None
   poison_outputs: bool = False
   pad_min_length: int = 1024
-  segments: Optional[int] = 1
-  segment_min_length: int = 256
+  segments: Optional[int] = None
+  segment_min_length: int = 64
 
   def __post_init__(self):
     for name in ("block_d", "chunk", "bwd_block_d"):
@@ -658,23 +657,31 @@ def _whole_scan(config, u, delta, A, B, C, D, z, bias, h0, *, softplus, reverse)
   return y, h_last
 
 
-# The automatic length split (``segments_for``, ``PallasConfig(segments=None)``): split while
-# fewer than this many programs of the narrowest channel block (8) would run: four per SM of an
-# H100, a guess to be replaced by the measurements of `python -m vidssm_jax.bench.scan
-# --sweep-segments`.
-_SPLIT_PROGRAMS = 528
+# The automatic length split (``segments_for``), from `python -m vidssm_jax.bench.scan
+# --sweep-segments --segments 1 2 4 8 16 32 64 128` on an H200 (bf16 and float32, forward and
+# forward + backward): shapes with at least _FULL_PROGRAMS programs of 8 channels (b · d / 8)
+# were fastest unsplit, (8, 784 | 1568, 768) and (4, 8192, 1536), where 2 segments cost 1.4-1.9x;
+# below it the fastest split gave about _SPLIT_PROGRAMS programs: 16 segments at (4, 13571 |
+# 33635, 384) (forward + backward 10.2 -> 4.5 and 25.6 -> 10.7 ms bf16), 8 at (8, 5553, 384),
+# 32 at (1, 3136, 768) (3.19 -> 0.65 ms).
+_FULL_PROGRAMS = 768
+_SPLIT_PROGRAMS = 3072
 
 
 def segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
   """Segments of the length-parallel scan for a ``(b, l, d)`` scan under ``config`` (1: none).
 
-  Automatic: doubles while ``b · segments · d / 8`` programs stay under ``_SPLIT_PROGRAMS`` and
-  every segment keeps at least ``config.segment_min_length`` steps.
+  Automatic (``config.segments=None``): none when ``b · d / 8`` programs reach
+  ``_FULL_PROGRAMS``; otherwise doubles while ``b · segments · d / 8`` stays under
+  ``_SPLIT_PROGRAMS`` and every segment keeps at least ``config.segment_min_length`` steps.
   """
   if config.segments is not None:
     return config.segments
+  programs = b * max(d // 8, 1)
   segments = 1
-  while (b * segments * max(d // 8, 1) < _SPLIT_PROGRAMS
+  if programs >= _FULL_PROGRAMS:
+    return segments
+  while (programs * segments < _SPLIT_PROGRAMS
          and l // (2 * segments) >= config.segment_min_length):
     segments *= 2
   return segments
