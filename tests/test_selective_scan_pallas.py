@@ -136,9 +136,8 @@ def test_automatic_segments_by_shape():
   assert segments_for(4, 8192, 1536, config) == 1
   assert segments_for(4, 33635, 384, config) == 16   # 192 programs: split to 3072
   assert segments_for(8, 5553, 384, config) == 8
-  assert segments_for(1, 3136, 768, config) == 32
-  assert segments_for(1, 197, 768, config) == 2      # segments keep >= 64 steps
-  assert segments_for(1, 100, 768, config) == 1      # too short to split
+  assert segments_for(1, 3136, 768, config) == 16    # segments keep >= 128 steps
+  assert segments_for(1, 197, 768, config) == 1      # too short to split (streaming)
   assert segments_for(1, 3136, 768, PallasConfig(segments=1)) == 1  # forced: no split
 
 
