@@ -269,9 +269,10 @@ LOWERING_VARIANTS = {
     "groups-reverse-h0": dict(g=2, reverse=True, h0=True, config=SHORT),
     "no-extras-no-softplus": dict(extras=False, softplus=False, config=SHORT),
     "n5-atomic": dict(n=5, config=PallasConfig(chunk=4, atomic_dbc=True)),
-    # The length-parallel scan runs the forward kernel twice (final states, then outputs).
+    # The length-parallel scan runs the forward kernel twice (final states, then outputs); the
+    # gradient reruns the first (rematerialised, saving its chunk states) before both backwards.
     "segments": dict(reverse=True, h0=True, config=PallasConfig(chunk=4, segments=2),
-                     kernels=(2, 4)),
+                     kernels=(2, 5)),
 }
 
 
