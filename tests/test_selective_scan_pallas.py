@@ -108,16 +108,21 @@ def test_kernel_configs_agree_with_oracle(config):
     assert rel_err(grad, ref_grads[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("case,segments", [
-    pytest.param(CASES[4], 2, id=_case_id(CASES[4]) + "-s2"),
-    pytest.param(CASES[7], 3, id=_case_id(CASES[7]) + "-s3")])
-def test_length_parallel_scan_matches_numpy_oracle(case, segments):
-  # The length-parallel scan on the core tests' awkward cases (groups, reverse, initial state):
-  # forward, final state and every gradient, through the carries between the segments.
+@pytest.mark.parametrize("case,segments,poison", [
+    pytest.param(CASES[4], 2, False, id=_case_id(CASES[4]) + "-s2"),
+    pytest.param(CASES[7], 3, False, id=_case_id(CASES[7]) + "-s3"),
+    pytest.param(CASES[6], 4, False, id=_case_id(CASES[6]) + "-s4"),
+    pytest.param(CASES[5], 2, True, id=_case_id(CASES[5]) + "-s2-poisoned")])
+def test_length_parallel_scan_matches_numpy_oracle(case, segments, poison):
+  # The length-parallel scan on the core tests' awkward cases (groups, reverse and forward,
+  # initial state, no extras): forward, final state and every gradient, through the carries
+  # between the segments in both directions. Poisoned outputs (NaN-filled before the kernels
+  # run) show that every kernel writes every element it owns.
   l, g, grouped, reverse, h0, extras = case
   x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
   x = {k: jnp.asarray(v, np.float32) for k, v in x.items()}
-  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, segments=segments)
+  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, segments=segments,
+                        poison_outputs=poison)
   y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config, ct_seed=l)
   ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
   ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
@@ -269,10 +274,10 @@ LOWERING_VARIANTS = {
     "groups-reverse-h0": dict(g=2, reverse=True, h0=True, config=SHORT),
     "no-extras-no-softplus": dict(extras=False, softplus=False, config=SHORT),
     "n5-atomic": dict(n=5, config=PallasConfig(chunk=4, atomic_dbc=True)),
-    # The length-parallel scan runs the forward kernel twice (final states, then outputs); the
-    # gradient reruns the first (rematerialised, saving its chunk states) before both backwards.
+    # The length-parallel scan runs the light states kernel, then the forward kernel; its
+    # gradient adds the light adjoints kernel and one backward kernel.
     "segments": dict(reverse=True, h0=True, config=PallasConfig(chunk=4, segments=2),
-                     kernels=(2, 5)),
+                     kernels=(2, 4)),
 }
 
 

@@ -85,11 +85,15 @@ class PallasConfig:
       was no slower (785 ms against 801 ms); EndoMamba's 196-token frames kept the tail, which
       compiled as fast and ran the step 2% faster (61.8 against 63.0 ms).
     segments: the length-parallel scan: the length is cut into this many segments of whole
-      chunks, scanned side by side from a zero state (each a row of the kernel's grid), the
-      states entering the segments follow from the segments' final states and total decays by
-      an associative scan over the segments (``_carried_states``), and the same kernel runs the
-      segments again from those states. Twice the kernel work, ``segments`` times the programs:
-      it pays when ``b · d / block_d`` programs cannot fill the GPU (few rows, long sequences).
+      chunks (each a row of the kernels' grid). A light kernel scans every segment from a zero
+      state for its final state only, the states entering the segments follow from those and
+      the segments' total decays by an associative scan over the segments
+      (``_carried_states``), and the forward kernel runs the segments from those states. The
+      backward mirrors it: a light kernel sweeps every segment's adjoint from zero, the same
+      carry in the opposite order gives the adjoint leaving every segment, and the backward
+      kernel runs once (``_split_scan``). About 1.5x the kernel work, ``segments`` times the
+      programs: it pays when ``b · d / block_d`` programs cannot fill the GPU (few rows, long
+      sequences).
       ``None`` (the default): chosen by shape (``segments_for``, measured on an H200); an int
       forces that many (1: no split). ``python -m vidssm_jax.bench.scan --sweep-segments``
       measures every value per shape.
@@ -563,6 +567,116 @@ def _backward(spec: _Spec, res, dy, dh_last):
 
 
 # --------------------------------------------------------------------------------------------
+# The length-parallel scan's two light kernels (``PallasConfig.segments``)
+# --------------------------------------------------------------------------------------------
+
+
+def _prefetched_chunks(spec: _Spec, load_chunk, body, carry, *, backwards: bool):
+  """Runs ``body(k, carry, inputs) -> carry`` over the ``spec.num_full`` chunks (last to first
+  when ``backwards``), with each chunk's loads issued before the arithmetic of the one before,
+  as the forward kernel does with ``prefetch``."""
+  last = spec.num_full - 1
+
+  def chunk(i, state):
+    carry, inputs = state
+    k = last - i if backwards else i
+    following = load_chunk(jnp.maximum(k - 1, 0) if backwards else jnp.minimum(k + 1, last))
+    return body(k, carry, inputs), following
+
+  first = load_chunk(last if backwards else 0)
+  return lax.fori_loop(0, spec.num_full, chunk, (carry, first))[0]
+
+
+def _states_kernel(*refs, spec: _Spec, prefilled=()):
+  """Every row's scan from a zero state, keeping only its final state and ``sum dt``."""
+  r = _unpack(refs, ["u", "delta", "A", "B", "bias" if spec.has_bias else None, *prefilled,
+                     "h_last", "dt_sum"])
+  acc = r["h_last"].dtype
+  T, bd = spec.chunk, spec.fwd_block_d
+  rows = _Rows(r, spec, acc, bd)
+  A2 = r["A"][rows.chans, :].astype(acc) * _LOG2E
+  bias = rows.channel_vector("bias") if spec.has_bias else None
+
+  def load_chunk(k):
+    times = [spec.time(k * T + j) for j in range(T)]
+    return [(rows.row("u", t), rows.row("delta", t), rows.bc("B", t)) for t in times]
+
+  def body(k, carry, inputs):
+    h, dt_sum = carry
+    for u, delta, B in inputs:
+      dt, _ = rows.dt(delta, bias)
+      h = jnp.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * B[None, :]
+      dt_sum = dt_sum + dt
+    return h, dt_sum
+
+  zeros = (jnp.zeros((bd, spec.n), acc), jnp.zeros((bd,), acc))
+  h, dt_sum = _prefetched_chunks(spec, load_chunk, body, zeros, backwards=False)
+  r["h_last"][rows.bi, rows.chans, :] = h
+  r["dt_sum"][rows.bi, rows.chans] = dt_sum
+
+
+def _adjoints_kernel(*refs, spec: _Spec, prefilled=()):
+  """Every row's adjoint sweep from a zero adjoint at its end, keeping only the adjoint of the
+  state it starts from: ``mu = exp(dt_t A) (mu + dy_eff_t C_t)``, last step to first, with
+  ``dy_eff = dy · z sigmoid(z)`` (the z gate; the D skip does not reach the state)."""
+  r = _unpack(refs, ["delta", "A", "C", "dy", "z" if spec.has_z else None,
+                     "bias" if spec.has_bias else None, *prefilled, "mu"])
+  acc = r["mu"].dtype
+  T, bd = spec.chunk, spec.fwd_block_d
+  rows = _Rows(r, spec, acc, bd)
+  A2 = r["A"][rows.chans, :].astype(acc) * _LOG2E
+  bias = rows.channel_vector("bias") if spec.has_bias else None
+
+  def load_chunk(k):
+    times = [spec.time(k * T + j) for j in range(T)]
+    return [(rows.row("delta", t), rows.bc("C", t), rows.row("dy", t),
+             rows.row("z", t) if spec.has_z else None) for t in times]
+
+  def body(k, mu, inputs):
+    for delta, C, dy, z in reversed(inputs):
+      dt, _ = rows.dt(delta, bias)
+      if z is not None:
+        dy = dy * (z * jax.nn.sigmoid(z))
+      mu = jnp.exp2(dt[:, None] * A2) * (mu + dy[:, None] * C[None, :])
+    return mu
+
+  mu = _prefetched_chunks(spec, load_chunk, body, jnp.zeros((bd, spec.n), acc), backwards=True)
+  r["mu"][rows.bi, rows.chans, :] = mu
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _segment_states(spec: _Spec, u, delta, A, B, bias):
+  """(final state from zero (b, d, n), sum of dt (b, d)) of every row, in float32."""
+  acc = A.dtype
+  out_shape = [jax.ShapeDtypeStruct((spec.b, spec.d, spec.n), acc),
+               jax.ShapeDtypeStruct((spec.b, spec.d), acc)]
+  inputs = [x for x in (u, delta, A, B, bias) if x is not None]
+  return _call(_states_kernel, spec, out_shape, inputs, name="selective_scan_states")
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _segment_adjoints(spec: _Spec, delta, A, C, dy, z, bias):
+  """The adjoint of every row's starting state under a zero adjoint at its end (b, d, n)."""
+  out_shape = [jax.ShapeDtypeStruct((spec.b, spec.d, spec.n), A.dtype)]
+  inputs = [x for x in (delta, A, C, dy, z, bias) if x is not None]
+  return _call(_adjoints_kernel, spec, out_shape, inputs, name="selective_scan_adjoints")[0]
+
+
+def _call(kernel, spec: _Spec, out_shape, inputs, *, name):
+  """A light kernel over the forward's grid of (row, group, channel block) programs."""
+  assert spec.tail == 0 and spec.num_full >= 1, "segments are whole chunks"
+  aliases, prefilled = {}, ()
+  if spec.poison:
+    inputs, prefilled = _prefilled_outputs(out_shape, inputs, aliases, jnp.nan)
+  return pl.pallas_call(
+      functools.partial(kernel, spec=spec, prefilled=tuple(prefilled)), out_shape=out_shape,
+      grid=(spec.b, spec.g, spec.d // spec.g // spec.fwd_block_d),
+      compiler_params=_compiler_params(spec.fwd_warps, spec.num_stages),
+      interpret=spec.interpret, input_output_aliases=aliases, name=name,
+  )(*inputs)
+
+
+# --------------------------------------------------------------------------------------------
 # custom_vjp and the backend entry
 # --------------------------------------------------------------------------------------------
 
@@ -579,11 +693,17 @@ def _fused_scan_fwd(spec, u, delta, A, B, C, D, z, bias, h0):
 
 def _fused_scan_bwd(spec, res, cotangents):
   dy, dh_last = cotangents
-  du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(spec, res, dy, dh_last)
-  u, delta, A, B, C, D, z, bias, h_chunks = res
+  return _cast_grads(res[:8], _backward(spec, res, dy, dh_last))
+
+
+def _cast_grads(inputs, grads):
+  """The backward kernel's gradients in the dtypes of ``inputs`` (u ... bias) and the state's."""
+  *grads, dh0 = grads
+  u, delta, A, B, C, D, z, bias = inputs
+  du, ddelta, dA, dB, dC, dD, dz, dbias = grads
   cast = lambda g, x: None if x is None else g.astype(x.dtype)
   return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
-          cast(dbias, bias), dh0.astype(h_chunks.dtype))
+          cast(dbias, bias), dh0.astype(A.dtype))
 
 
 _fused_scan.defvjp(_fused_scan_fwd, _fused_scan_bwd)
@@ -704,32 +824,66 @@ def _segmented_scan(config, segments, u, delta, A, B, C, D, z, bias, h0, *, soft
   delta = pad(delta, -jnp.inf if softplus else 0.0)
   rows = lambda x: None if x is None else x.reshape(b * segments, seg_len, *x.shape[2:])
   spec = _make_spec(config, b * segments, seg_len, d, g, n, D, z, bias, softplus, reverse)
-  args = (rows(u), rows(delta), A.astype(acc), rows(B), rows(C), _vector(D, acc), rows(z),
-          _vector(bias, acc))
-  split = lambda v: v.reshape(b, segments, d, n)
-
-  # Rematerialised under differentiation: the backward recomputes it rather than keep the first
-  # pass's chunk states and the decays' residuals (the E-ViM3-p4 step's peak memory went from
-  # 57.6 to 86.9 GiB with them kept).
-  @jax.checkpoint
-  def entering_states(args, h0):
-    # 1. Every segment from a zero state: its final state.
-    _, h_local = _fused_scan(spec, *args, jnp.zeros((b * segments, d, n), acc))
-    # 2. The state entering every segment, from the final states and each segment's total
-    #    decay exp(A · sum dt) (padded steps have dt = 0).
-    x = args[1].astype(acc)
-    if args[7] is not None:
-      x = x + args[7]
-    dt = _softplus(x) if softplus else x
-    decay = jnp.exp(args[2] * jnp.sum(dt, axis=1)[:, :, None])
-    return _carried_states(split(decay), split(h_local), h0, reverse)
-
-  h_in = entering_states(args, h0)
-  # 3. Every segment again, from its entering state: the outputs and the final states.
-  y, h_last = _fused_scan(spec, *args, h_in.reshape(b * segments, d, n))
+  y, h_last = _split_scan(spec, segments, rows(u), rows(delta), A.astype(acc), rows(B), rows(C),
+                          _vector(D, acc), rows(z), _vector(bias, acc), h0)
   y = y.reshape(b, segments * seg_len, d)
   y = y[:, steps:] if reverse else y[:, :l]
-  return y, split(h_last)[:, 0 if reverse else -1]
+  return y, h_last
+
+
+# The split scan on rows of segments, ``(b · segments, seg_len, ...)``:
+#   forward   1. every segment from a zero state, final state and total decay only (light kernel);
+#             2. the state entering every segment (``_carried_states``, an associative scan over
+#                the segments);
+#             3. every segment from its entering state: y, and under differentiation its chunk
+#                states, which are then the true states of the whole scan.
+#   backward  1. every segment's adjoint sweep from a zero adjoint at its end, the adjoint of its
+#                entering state only (light kernel);
+#             2. the adjoint leaving every segment: the same carry, run in the opposite order,
+#                from dh_last;
+#             3. the backward kernel on every segment with that adjoint as its dh_last: the
+#                gradients, exact, because every segment sees the true states and adjoints.
+# Pass 1 of either direction reads a part of the inputs and writes (b, d, n) per segment, which
+# is what makes the split cheap.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _split_scan(spec, segments, u, delta, A, B, C, D, z, bias, h0):
+  y, h_last, _ = _split_forward(spec, segments, False, u, delta, A, B, C, D, z, bias, h0)
+  return y, h_last
+
+
+def _split_forward(spec, segments, save, u, delta, A, B, C, D, z, bias, h0):
+  """y rows, the whole scan's final state (b, d, n), and the backward's extra residuals."""
+  split = lambda v: v.reshape(spec.b // segments, segments, *v.shape[1:])
+  h_local, dt_sum = _segment_states(spec, u, delta, A, B, bias)
+  decay = jnp.exp(A * dt_sum[..., None])  # each segment's total decay (padded steps: dt = 0)
+  h_in = _carried_states(split(decay), split(h_local), h0, spec.reverse)
+  y, h_last, *h_chunks = _forward(spec, save, u, delta, A, B, C, D, z, bias,
+                                  h_in.reshape(h_local.shape))
+  return y, split(h_last)[:, 0 if spec.reverse else -1], (decay, *h_chunks)
+
+
+def _split_scan_fwd(spec, segments, u, delta, A, B, C, D, z, bias, h0):
+  y, h_last, (decay, h_chunks) = _split_forward(spec, segments, True, u, delta, A, B, C, D, z,
+                                                bias, h0)
+  return (y, h_last), ((u, delta, A, B, C, D, z, bias, h_chunks), decay)
+
+
+def _split_scan_bwd(spec, segments, res, cotangents):
+  (u, delta, A, B, C, D, z, bias, h_chunks), decay = res
+  dy, dh_last = cotangents
+  dy = dy.astype(u.dtype)
+  split = lambda v: v.reshape(spec.b // segments, segments, *v.shape[1:])
+  mu_local = _segment_adjoints(spec, delta, A, C, dy, z, bias)
+  dh_out = _carried_states(split(decay), split(mu_local), dh_last.astype(A.dtype),
+                           not spec.reverse)
+  grads = _backward(spec, res[0], dy, dh_out.reshape(mu_local.shape))
+  *grads, dh0 = _cast_grads(res[0][:8], grads)
+  return (*grads, split(dh0)[:, -1 if spec.reverse else 0])
+
+
+_split_scan.defvjp(_split_scan_fwd, _split_scan_bwd)
 
 
 def _carried_states(decay, h_local, h0, reverse: bool):
