@@ -594,7 +594,9 @@ def sweep_variants():
   """(label, config) pairs of the Pallas kernel: the default first, then a handful around it."""
   from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
   changes = [dict(), dict(block_d=32, num_warps=4), dict(block_d=64, num_warps=4),
-             dict(block_d=16, num_warps=1), dict(chunk=4), dict(bwd_block_d=8),
+             dict(block_d=16, num_warps=1), dict(block_d=16, num_warps=2),
+             dict(block_d=8, num_warps=1), dict(chunk=4), dict(chunk=16), dict(bwd_block_d=4),
+             dict(bwd_block_d=16, bwd_num_warps=2),
              dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
              dict(bwd_recompute_decay=False),
              dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True)]
