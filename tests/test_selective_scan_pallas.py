@@ -13,7 +13,7 @@ from test_selective_scan import CASES, GRAD_NAMES, make_inputs, numpy_selective_
 from vidssm_jax.bench.scan import numpy_scan_and_vjp
 from vidssm_jax.ops import selective_scan
 from vidssm_jax.ops.selective_scan import auto_backend, available_backends
-from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, segments_for,
+from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, forward_block, segments_for,
                                                  selective_scan_pallas)
 
 # Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
@@ -144,6 +144,10 @@ def test_automatic_segments_by_shape():
   assert segments_for(1, 3136, 768, config) == 16    # segments keep >= 128 steps
   assert segments_for(1, 197, 768, config) == 1      # too short to split (streaming)
   assert segments_for(1, 3136, 768, PallasConfig(segments=1)) == 1  # forced: no split
+  # Channels and warps per program of the segments: 16 on one warp from 1536 such programs.
+  assert forward_block(4 * 16, 384, 1, 16, config, split=True) == (16, 1)
+  assert forward_block(1 * 16, 768, 1, 16, config, split=True) == (32, 4)
+  assert forward_block(64, 384, 1, 16, PallasConfig(block_d=8), split=True) == (8, 1)
 
 
 def test_public_entry_without_softplus_or_extras_and_undifferentiated():

@@ -29,6 +29,12 @@ so no load ever reaches past the end. ``n`` and ``block_d`` are powers of two in
 kernel (Triton's rule): the wrapper pads ``n`` with zero columns of A, B and C (which leave the
 padded states at zero) and shrinks ``block_d`` to a power of two dividing ``d // g``.
 
+Few long rows cannot fill the GPU with such programs; for them the length is split into segments
+that run side by side (``PallasConfig.segments``, ``_split_scan``): two light kernels give every
+segment's final state from a zero state (forward) and its entering adjoint from a zero adjoint
+(backward), short associative scans over the segments carry them, and the kernels above run once
+per direction with the carried states.
+
 On GPU the kernels compile through Pallas' Triton lowering, selected explicitly with Triton
 compiler params (the default GPU lowering of recent JAX, Mosaic GPU, rejects these kernels). On
 CPU they run in Pallas interpret mode, which is how the tests check them.
@@ -60,7 +66,7 @@ class PallasConfig:
     block_d: channels per forward program (a power of two; shrunk to divide ``d // g``);
       ``None``: 32, halved down to 8 while the grid would have fewer than about two programs
       per SM of an H100 (small batches); 16 on one warp for the segments of a length split
-      (``forward_block``).
+      with at least 1536 such programs (``forward_block``).
     chunk: steps per chunk (a power of two): outputs are stored once per chunk and the forward
       saves the state before every chunk for the backward, which keeps ``chunk + 1`` states of
       ``(block_d, n)`` in registers.
@@ -167,10 +173,12 @@ def forward_block(b: int, d: int, g: int, n: int, config: PallasConfig,
   rows are segments of the length-parallel scan."""
   if config.block_d is not None:
     block = _block_for(d // g, config.block_d)
-  elif split:
-    # `bench.scan --sweep` at (4, 13571, 384, 16) bf16 split in 16 segments, on an H200: 16
-    # channels on one warp ran the forward in 0.98 ms against 1.12 ms with the rule below
-    # (32 channels, 4 warps), forward + backward 2.99 against 3.13 ms.
+  elif split and b * (d // 16) >= 2 * _FULL_PROGRAMS:
+    # `bench.scan --sweep` on an H200, bf16, forward / forward + backward ms, 16 channels on one
+    # warp against the rule below (32 channels on 4 warps): (4, 13571, 384, 16) in 16 segments
+    # 0.98 / 2.99 against 1.11 / 3.14, (8, 5553, 384, 16) in 8 segments 0.81 / 2.47 against
+    # 0.91 / 2.59; with fewer programs it lost: (1, 3136, 768, 16) in 16 segments (768 programs
+    # of 16 channels) 0.20 / 0.53 against 0.15 / 0.46.
     block = _block_for(d // g, 16)
     return block, config.num_warps or 1
   else:
