@@ -8,7 +8,13 @@
 #
 # With --mamba-ssm it also fetches the mamba_ssm source distribution into .whl/src/ (torch must be
 # installed where this runs), which vidssm_jax/bench/mamba_ssm_build.py compiles for sm_90
-# inside the run (never committed).
+# inside the run (never committed), and causal_conv1d's, which the releases' Mamba blocks import.
+#
+# With --releases it also puts the authors' PyTorch code, which `python -m vidssm_jax.bench.vs_release`
+# runs against ours, in .whl/releases/ (git-ignored; their code never enters the repo), with the one
+# package the E-ViM3 release needs that the GPU image lacks (ema_pytorch, as a wheel). Each is cloned
+# from GitHub, or exported from a local mirror when RELEASE_MIRROR names a directory holding
+# OWNER+NAME/repo bare clones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -20,12 +26,30 @@ done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
   "grain==0.2.18" "array-record==0.8.6" "ml-collections==1.1.0" "portpicker"
-if [[ "${1:-}" == "--mamba-ssm" ]]; then
+if [[ " $* " == *" --mamba-ssm "* ]]; then
   mkdir -p .whl/src
   # The sdist through pip itself. `pip download` prepares the package's metadata by running its
   # setup.py: MAMBA_SKIP_CUDA_BUILD skips the CUDA build there, and --no-build-isolation lets it
   # import the torch already installed here (pip install torch==2.13.0) instead of fetching one.
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=FALSE python3 -m pip download -q --no-deps \
     --no-binary :all: --no-build-isolation -d .whl/src "mamba_ssm==2.3.2.post1"
+  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=FALSE python3 -m pip download -q \
+    --no-deps --no-binary :all: --no-build-isolation -d .whl/src "causal-conv1d==1.6.1"
+fi
+if [[ " $* " == *" --releases "* ]]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "ema-pytorch==0.4.5"
+  for repo in HenryZhou19/E-ViM3 TianCuteQY/EndoMamba; do
+    dest=".whl/releases/${repo#*/}"
+    rm -rf "$dest" && mkdir -p "$dest"
+    mirror="${RELEASE_MIRROR:-}/${repo/\//+}/repo"
+    if [[ -n "${RELEASE_MIRROR:-}" && -d "$mirror" ]]; then
+      git -C "$mirror" archive HEAD | tar -x -C "$dest"
+    else
+      git clone -q --depth 1 "https://github.com/$repo" "$dest"
+    fi
+    rm -rf "$dest/.git"
+    find "$dest" \( -name "*.png" -o -name "*.jpg" -o -name "*.gif" -o -name "*.pdf" \) -delete
+  done
+  du -sh .whl/releases/*
 fi
 ls -la .whl .whl/src 2>/dev/null
