@@ -80,7 +80,8 @@ def _compile(name: str, sdist: str, build_dir: str, package: str, csrc: str, sou
   cpp_extension.load(
       name=name, sources=[os.path.join(root, csrc, s) for s in sources],
       extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=_nvcc_flags(f"{major}{minor}"),
-      extra_include_paths=[os.path.join(root, csrc)], build_directory=out, verbose=False)
+      extra_include_paths=[os.path.join(root, csrc)], build_directory=out,
+      verbose=bool(os.environ.get("VIDSSM_BUILD_VERBOSE")))
   print(f"built {name} for sm_{major}{minor} in {time.time() - start:.0f} s ({out})")
   return out
 

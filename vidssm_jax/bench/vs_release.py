@@ -19,7 +19,9 @@ path: ``selective_scan_cuda`` and ``causal_conv1d`` compiled for the local GPU f
 (``bench/mamba_ssm_build.py``, inside the run when ``--build`` has no built tree yet), mamba_ssm's
 Triton LayerNorm, no EMA (the trainer's EMA update every 5 steps is left out on both sides).
 
-Every (row, side) runs in a fresh subprocess, so each peak memory starts from zero: the release's
+``--sides ours`` then ``--sides release`` with the same ``--results`` file run the two halves in
+separate calls (ours needs no build) and print the table with both. Every (row, side) runs in a
+fresh subprocess, so each peak memory starts from zero: the release's
 ``torch.cuda.max_memory_allocated``, ours the device's ``peak_bytes_in_use``. Each row prints
 as soon as both sides finish; a side that fails prints its error and the others still run.
 """
@@ -144,21 +146,18 @@ def _import_release(release_dir: str, build: str, sdists: str):
   CUDA extensions into ``build`` first when they are not there. Returns what was loaded."""
   from vidssm_jax.bench import mamba_ssm_build as mb
 
-  notes = []
+  import glob
+
+  built = lambda d, name: glob.glob(os.path.join(d, "ext", f"{name}*.so"))
   mamba_dir, conv_dir = os.path.join(build, "mamba"), os.path.join(build, "causal_conv1d")
-  if not os.path.isdir(os.path.join(mamba_dir, "ext")):
+  if not built(mamba_dir, "selective_scan_cuda"):
     mb.build(os.path.join(sdists, "mamba_ssm-2.3.2.post1.tar.gz"), mamba_dir)
   mb.load(mamba_dir)
-  notes.append("selective_scan_cuda")
-  try:
-    if not os.path.isdir(os.path.join(conv_dir, "ext")):
-      mb.build_causal_conv1d(os.path.join(sdists, "causal_conv1d-1.6.1.tar.gz"), conv_dir)
-    mb.load_causal_conv1d(conv_dir)
-    notes.append("causal_conv1d")
-  except Exception as e:  # noqa: BLE001  (the release falls back to nn.Conv1d; the table says so)
-    print(f"causal_conv1d not built ({type(e).__name__}: {e}); the release cannot import its "
-          "Mamba blocks without it", file=sys.stderr)
-    raise
+  # The release's mamba_inner_interface imports causal_conv1d unconditionally.
+  if not built(conv_dir, "causal_conv1d_cuda"):
+    mb.build_causal_conv1d(os.path.join(sdists, "causal_conv1d-1.6.1.tar.gz"), conv_dir)
+  mb.load_causal_conv1d(conv_dir)
+  notes = ["selective_scan_cuda", "causal_conv1d"]
   sys.path.insert(0, os.path.abspath(release_dir))
   return notes
 
@@ -238,7 +237,7 @@ def _child(args) -> None:
   cfg = release_config(args.evim3, ROWS[args.row][0])
   rec = recipe(cfg)
   try:
-    if args.side == "ours":
+    if args.child == "ours":
       out = ours(args.row, rec, args.repeats)
     else:
       out = release(args.row, cfg, rec, args.repeats, args.evim3, args.build, args.sdists)
@@ -276,6 +275,10 @@ def main(argv=None):
   parser.add_argument("--sdists", default=".whl/src", help="mamba_ssm and causal_conv1d sdists")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--timeout", type=int, default=900, help="seconds per side")
+  parser.add_argument("--sides", default="ours,release",
+                      help="which sides to run now (ours first: the release may still be building)")
+  parser.add_argument("--results", help="a JSON file that keeps each side's rows between runs, "
+                      "so the sides can run in separate calls and still print one table")
   parser.add_argument("--child", choices=("ours", "release"), help=argparse.SUPPRESS)
   parser.add_argument("--row", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -289,14 +292,28 @@ def main(argv=None):
   if not os.path.isdir(os.path.join(args.evim3, "src")):
     parser.error(f"{args.evim3!r} is not the E-ViM3 release checkout (no src/); run "
                  "`bash launch/gpu_wheels.sh --releases` and carry .whl")
+  sides = [x for x in args.sides.split(",") if x]
+  if not set(sides) <= {"ours", "release"}:
+    parser.error(f"--sides {args.sides!r}: a comma list of ours, release")
+  results = {}
+  if args.results and os.path.exists(args.results):
+    with open(args.results) as f:
+      results = json.load(f)
+  for side in sides:
+    for row in rows:
+      results.setdefault(row, {})[side] = _run_side(args, row, side)
+      print(format_row(row, side, results[row][side]), flush=True)
+      if args.results:
+        with open(args.results, "w") as f:
+          json.dump(results, f, indent=1)
   print(HEADER, flush=True)
   print("-" * len(HEADER), flush=True)
-  for row in rows:
-    r = _run_side(args, row, "release")
-    o = _run_side(args, row, "ours")
-    print(format_row(row, "release", r), flush=True)
-    print(format_row(row, "ours", o, ratio(o, r)), flush=True)
-
+  for row, got in results.items():
+    for side in ("release", "ours"):
+      if side in got:
+        both = "release" in got and side == "ours"
+        print(format_row(row, side, got[side], ratio(got["ours"], got["release"]) if both
+                         else ""), flush=True)
 
 if __name__ == "__main__":
   main()
