@@ -11,9 +11,9 @@
 # inside the run (never committed), and causal_conv1d's, which the releases' Mamba blocks import.
 #
 # With --releases it also puts the authors' PyTorch code, which `python -m vidssm_jax.bench.vs_release`
-# runs against ours, in .whl/releases/ (git-ignored; their code never enters the repo), with the one
-# package the E-ViM3 release needs that the GPU image lacks (ema_pytorch, as a wheel). Each is cloned
-# from GitHub, or exported from a local mirror when RELEASE_MIRROR names a directory holding
+# runs against ours, in .whl/releases/ (git-ignored; their code never enters the repo), with the
+# packages the E-ViM3 release needs that the GPU image lacks (ema_pytorch and its beartype, as
+# wheels). Each release is cloned from GitHub, or exported from a local mirror when RELEASE_MIRROR names a directory holding
 # OWNER+NAME/repo bare clones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ if [[ " $* " == *" --mamba-ssm "* ]]; then
     --no-deps --no-binary :all: --no-build-isolation -d .whl/src "causal-conv1d==1.6.1"
 fi
 if [[ " $* " == *" --releases "* ]]; then
-  python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "ema-pytorch==0.4.5"
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "ema-pytorch==0.4.5" beartype
   for repo in HenryZhou19/E-ViM3 TianCuteQY/EndoMamba; do
     dest=".whl/releases/${repo#*/}"
     rm -rf "$dest" && mkdir -p "$dest"
