@@ -33,8 +33,15 @@ if [[ " $* " == *" --mamba-ssm "* ]]; then
   # import the torch already installed here (pip install torch==2.13.0) instead of fetching one.
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=FALSE python3 -m pip download -q --no-deps \
     --no-binary :all: --no-build-isolation -d .whl/src "mamba_ssm==2.3.2.post1"
-  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=FALSE python3 -m pip download -q \
-    --no-deps --no-binary :all: --no-build-isolation -d .whl/src "causal-conv1d==1.6.1"
+  # causal_conv1d 1.5.0.post8: the kernel API the E-ViM3 release calls (1.6 changed it). Its sdist
+  # holds no CUDA sources, so the tagged sources are archived (from RELEASE_MIRROR, if set).
+  conv="${RELEASE_MIRROR:-}/Dao-AILab+causal-conv1d/repo"
+  if [[ -z "${RELEASE_MIRROR:-}" || ! -d "$conv" ]]; then
+    rm -rf /tmp/causal-conv1d && git clone -q --bare https://github.com/Dao-AILab/causal-conv1d \
+      /tmp/causal-conv1d && conv=/tmp/causal-conv1d
+  fi
+  git -C "$conv" archive --prefix=causal_conv1d-1.5.0.post8/ v1.5.0.post8 csrc causal_conv1d \
+    | gzip > .whl/src/causal_conv1d-1.5.0.post8.tar.gz
 fi
 if [[ " $* " == *" --releases "* ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "ema-pytorch==0.4.5" beartype

@@ -9,8 +9,9 @@ architecture alone (sm_90 on an H100), with the compiler flags of mamba_ssm's ow
 
     python -m vidssm_jax.bench.mamba_ssm_build .whl/src/mamba_ssm-2.3.2.post1.tar.gz /tmp/mamba_build
 
-The same command given the ``causal_conv1d`` sdist (``causal_conv1d-1.6.1.tar.gz``: the 1.4.0 and
-1.5.0 sdists hold no CUDA sources) builds ``causal_conv1d_cuda``; ``load_causal_conv1d(build_dir)``
+The same command given a ``causal_conv1d`` source tarball (``causal_conv1d-1.5.0.post8.tar.gz``,
+the E-ViM3 release's kernel API: its sdist holds no CUDA sources, so ``launch/gpu_wheels.sh``
+archives the tagged sources) builds ``causal_conv1d_cuda``; ``load_causal_conv1d(build_dir)``
 then makes the ``causal_conv1d`` package importable, as the releases' Mamba blocks import it.
 
 ``load(build_dir)`` then imports ``selective_scan_fn`` from the built tree. It imports the

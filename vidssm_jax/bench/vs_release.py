@@ -155,7 +155,7 @@ def _import_release(release_dir: str, build: str, sdists: str):
   mb.load(mamba_dir)
   # The release's mamba_inner_interface imports causal_conv1d unconditionally.
   if not built(conv_dir, "causal_conv1d_cuda"):
-    mb.build_causal_conv1d(os.path.join(sdists, "causal_conv1d-1.6.1.tar.gz"), conv_dir)
+    mb.build_causal_conv1d(os.path.join(sdists, "causal_conv1d-1.5.0.post8.tar.gz"), conv_dir)
   mb.load_causal_conv1d(conv_dir)
   notes = ["selective_scan_cuda", "causal_conv1d"]
   sys.path.insert(0, os.path.abspath(release_dir))
