@@ -102,7 +102,9 @@ def _memory_gib(compiled) -> float:
   return total / 2**30
 
 
-def bench_row(label: str, remat: str, small: bool, dtype, scan_backend: str, repeats: int):
+def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str) -> dict:
+  """One model's compiled AdamW step: ``run(video) -> loss`` (it updates its own state), the
+  ``video``, the ``compiled`` program, its parameters and the init / lower / compile seconds."""
   base = label.split("+")[0]
   registry_name, overrides, (b, t, size, c) = _shapes(small)[base]
   kw = dict(dtype=dtype, remat=remat, **overrides)
@@ -149,10 +151,18 @@ def bench_row(label: str, remat: str, small: bool, dtype, scan_backend: str, rep
     state[0], state[1], value = compiled(state[0], state[1], teacher_params, video, rng)
     return value
 
-  ms = median_ms(run, video, warmup=2, repeats=repeats)
-  return dict(model=label, remat=remat, params=count_params(params), init_s=init_s,
-              lower_s=lower_s, compile_s=compile_s, ms=ms, clips=b / (ms * 1e-3),
-              mem_gib=_memory_gib(compiled), loss=float(run(video)))
+  return dict(run=run, video=video, compiled=compiled, params=params, init_s=init_s,
+              lower_s=lower_s, compile_s=compile_s)
+
+
+def bench_row(label: str, remat: str, small: bool, dtype, scan_backend: str, repeats: int):
+  s = build_step(label, remat, small, dtype, scan_backend)
+  video = s["video"]
+  ms = median_ms(s["run"], video, warmup=2, repeats=repeats)
+  return dict(model=label, remat=remat, params=count_params(s["params"]), init_s=s["init_s"],
+              lower_s=s["lower_s"], compile_s=s["compile_s"], ms=ms,
+              clips=video.shape[0] / (ms * 1e-3), mem_gib=_memory_gib(s["compiled"]),
+              loss=float(s["run"](video)))
 
 
 HEADER = (f"{'model':<22} {'remat':<5} {'params':>11} {'init s':>7} {'lower s':>8} "
