@@ -105,7 +105,9 @@ def profile_table(events, names: dict, steps: int):
   time_ns = collections.Counter()
   count = collections.Counter()
   for hlo_op, kernel, ns in events:
-    name = names.get(hlo_op)
+    # GPU kernels may carry no instruction name; XLA names a fusion's kernel after it, "_"
+    # for "." ("loop_add_fusion_16" is %loop_add_fusion.16).
+    name = names.get(hlo_op) or names.get(kernel) or names.get(re.sub(r"_(\d+)$", r".\1", kernel))
     key = place(name) if name is not None else ("?", f"(kernel) {kernel[:60]}")
     time_ns[key] += ns
     count[key] += 1

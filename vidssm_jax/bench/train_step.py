@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -34,6 +35,7 @@ import optax
 from vidssm_jax import masking
 from vidssm_jax.bench.scan import median_ms
 from vidssm_jax.models import create_model
+from vidssm_jax.train.experiment import STEP_COMPILER_OPTIONS
 from vidssm_jax.train.sharding import fast_init_rng
 from vidssm_jax.train.state import count_params
 
@@ -102,9 +104,13 @@ def _memory_gib(compiled) -> float:
   return total / 2**30
 
 
-def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str) -> dict:
+def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str,
+               compiler_options: Optional[dict] = None) -> dict:
   """One model's compiled AdamW step: ``run(video) -> loss`` (it updates its own state), the
-  ``video``, the ``compiled`` program, its parameters and the init / lower / compile seconds."""
+  ``video``, the ``compiled`` program, its parameters and the init / lower / compile seconds.
+  ``compiler_options``: XLA's, by default the training steps' (``STEP_COMPILER_OPTIONS``)."""
+  if compiler_options is None:
+    compiler_options = STEP_COMPILER_OPTIONS
   base = label.split("+")[0]
   registry_name, overrides, (b, t, size, c) = _shapes(small)[base]
   kw = dict(dtype=dtype, remat=remat, **overrides)
@@ -139,7 +145,7 @@ def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str) ->
   opt_state = tx.init(params)
   rng = jax.random.key(1)
   start = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, teacher_params, video,
+  lowered = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options).lower(params, opt_state, teacher_params, video,
                                                        rng)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()

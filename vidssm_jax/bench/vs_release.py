@@ -97,6 +97,7 @@ def ours(row: str, rec: dict, repeats: int) -> dict:
 
   _, name, task = ROWS[row]
   from vidssm_jax.models import create_model
+  from vidssm_jax.train.experiment import STEP_COMPILER_OPTIONS
   model = create_model(name, dtype=jnp.bfloat16)
   b, t, size, c = CLIP
   video = jax.random.normal(jax.random.key(0), (b, t, size, size, c), jnp.float32)
@@ -122,7 +123,7 @@ def ours(row: str, rec: dict, repeats: int) -> dict:
     return optax.apply_updates(params, updates), opt_state, value
 
   start = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+  compiled = jax.jit(step, donate_argnums=(0, 1), compiler_options=STEP_COMPILER_OPTIONS).lower(
       params, tx.init(params), video, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - start
   state = [params, tx.init(params)]

@@ -168,10 +168,18 @@ def init_state(model, init_args, *, method, optim_config, total_steps, mesh, rng
   return state, shardings
 
 
+# XLA options of every compiled training step. XLA's own Triton GEMM fusions are off (the GEMMs
+# go to cuBLAS): their autotuning took ~10 s of the E-ViM3-p4 step's compile and cuBLAS ran the
+# step as fast (one H200, jax 0.11.2, bench.train_step: compile 33.1 -> 23.6 s, step 309.5 ->
+# 306.7 ms). The option is a no-op off GPU.
+STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
 def jit_step(step, shardings, mesh, extra_in=()):
   return jax.jit(under_mesh(step, mesh),
                  in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)) + extra_in,
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,),
+                 compiler_options=STEP_COMPILER_OPTIONS)
 
 
 def example_batch(config, model, batch_size: int) -> jax.Array:
