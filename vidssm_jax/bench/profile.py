@@ -36,7 +36,8 @@ import time
 
 _PASSES = (("transpose(jvp(", "bwd"), ("jvp(", "fwd"))
 _PLUMBING = {"while", "body", "closed_call", "cond", "branch", "checkpoint", "remat",
-             "rematted_computation", "pjit", "core_call", "forward"}
+             "rematted_computation", "pjit", "core_call", "forward",
+             "eval_jaxpr"}
 _OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?op_name="([^"]*)"')
 
 
@@ -70,7 +71,8 @@ def place(op_name: str) -> tuple[str, str]:
     part = re.sub(r"layers_\d+", "layers_*", part)
     if parts and part.startswith(parts[-1] + "."):  # "layers_*" then "layers_*.forward"
       part = part[len(parts[-1]) + 1:]
-    parts.append(part)
+    if part not in _PLUMBING:
+      parts.append(part)
   return phase, "/".join(parts) or "(top)"
 
 
