@@ -13,8 +13,12 @@
 # With --releases it also puts the authors' PyTorch code, which `python -m vidssm_jax.bench.vs_release`
 # runs against ours, in .whl/releases/ (git-ignored; their code never enters the repo), with the
 # packages the E-ViM3 release needs that the GPU image lacks (ema_pytorch and its beartype, as
-# wheels). Each release is cloned from GitHub, or exported from a local mirror when RELEASE_MIRROR names a directory holding
-# OWNER+NAME/repo bare clones.
+# wheels). The EndoMamba release needs no wheel (timm, einops, sympy and triton are in the image)
+# and no sdist: its kernels are its own forks of selective_scan_cuda and causal_conv1d_cuda,
+# compiled from its checkout by `python -m vidssm_jax.bench.mamba_ssm_build
+# .whl/releases/EndoMamba build/peers/endomamba` (or inside vs_release's first EndoMamba row).
+# Each release is cloned from GitHub, or exported from a local mirror when RELEASE_MIRROR names a
+# directory holding OWNER+NAME/repo bare clones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

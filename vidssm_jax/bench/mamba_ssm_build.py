@@ -17,6 +17,12 @@ then makes the ``causal_conv1d`` package importable, as the releases' Mamba bloc
 ``load(build_dir)`` then imports ``selective_scan_fn`` from the built tree. It imports the
 interface module directly rather than the ``mamba_ssm`` package, whose ``__init__`` pulls in the
 Mamba-2/3 modules (tilelang, CuTe) that the scan does not need.
+
+Given the EndoMamba release's checkout instead of a tarball, the same command builds that
+release's own forks of both extensions from its ``videomamba/`` folder (``build_fork``, below:
+neither upstream build can serve it), into ``BUILD_DIR/<extension>/ext``:
+
+    python -m vidssm_jax.bench.mamba_ssm_build .whl/releases/EndoMamba build/peers/endomamba
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -62,9 +69,6 @@ def _nvcc_flags(arch: str) -> list:
 def _compile(name: str, sdist: str, build_dir: str, package: str, csrc: str, sources: list,
              jobs: int) -> str:
   """Extracts ``sdist`` into ``build_dir`` and compiles extension ``name`` into build_dir/ext."""
-  import torch
-  from torch.utils import cpp_extension
-
   if not os.path.exists(sdist):
     raise FileNotFoundError(f"{package} source distribution {sdist!r} not found; run "
                             "`bash launch/gpu_wheels.sh --mamba-ssm` and carry .whl")
@@ -72,18 +76,27 @@ def _compile(name: str, sdist: str, build_dir: str, package: str, csrc: str, sou
   with tarfile.open(sdist) as tar:
     tar.extractall(build_dir, filter="data")
   root = _source_root(build_dir, package)
+  return _compile_sources(name, os.path.join(root, csrc), sources,
+                          os.path.join(build_dir, "ext"), jobs)
+
+
+def _compile_sources(name: str, csrc_dir: str, sources: list, out: str, jobs: int) -> str:
+  """Compiles extension ``name`` from ``sources`` in ``csrc_dir`` into ``out``, for the local GPU's
+  architecture alone, and imports it."""
+  import torch
+  from torch.utils import cpp_extension
+
   major, minor = torch.cuda.get_device_capability()
   os.environ["MAX_JOBS"] = str(jobs)
   os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-  out = os.path.join(build_dir, "ext")
   os.makedirs(out, exist_ok=True)
   start = time.time()
   cpp_extension.load(
-      name=name, sources=[os.path.join(root, csrc, s) for s in sources],
+      name=name, sources=[os.path.join(csrc_dir, s) for s in sources],
       extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=_nvcc_flags(f"{major}{minor}"),
-      extra_include_paths=[os.path.join(root, csrc)], build_directory=out,
+      extra_include_paths=[csrc_dir], build_directory=out,
       verbose=bool(os.environ.get("VIDSSM_BUILD_VERBOSE")))
-  print(f"built {name} for sm_{major}{minor} in {time.time() - start:.0f} s ({out})")
+  print(f"built {name} for sm_{major}{minor} in {time.time() - start:.0f} s ({out})", flush=True)
   return out
 
 
@@ -131,11 +144,105 @@ def load(build_dir: str):
   return module.selective_scan_fn
 
 
+# ---- the EndoMamba release's own forks --------------------------------------------------------
+#
+# The release vendors both kernels under videomamba/ and calls them with its own arguments:
+#   _mamba/csrc/selective_scan  mamba_ssm 2.2.0-2.2.2's sources (its Python says 1.0.1) with an
+#       initial state for the forward scan: selective_scan_cuda.fwd takes a tenth argument, the
+#       (batch, dim, n_chunks, 2·dstate) running-prefix buffer whose chunk-0 pairs (1, h0) the
+#       kernel starts from (upstream takes nine and starts every scan at (1, 0)). Its streaming
+#       path (mamba_inner_fn(..., ssm_state=, return_last_state=True)) depends on it.
+#   causal-conv1d/csrc          causal_conv1d 1.0.0's sources, unchanged: causal_conv1d_fwd(x,
+#       weight, bias, silu), the four-argument API that 1.1+ changed.
+# So neither mamba_ssm 2.3.2's build nor causal_conv1d 1.5.0.post8's (above) can serve it. The
+# sources are copied out of the checkout and given only the edits upstream itself made in later
+# tags for CUDA 13 and newer torch (FORK_PATCHES), then compiled with the flags above.
+
+FORKS = {
+    # extension: (its csrc folder under videomamba/, its sources)
+    "selective_scan_cuda": (os.path.join("_mamba", "csrc", "selective_scan"), _SOURCES),
+    "causal_conv1d_cuda": (os.path.join("causal-conv1d", "csrc"), _CONV_SOURCES),
+}
+_NO_CUDA_CONTEXT = ("#include <ATen/cuda/CUDAContext.h>", "#include <c10/cuda/CUDAStream.h>")
+
+
+def _static(decl: str) -> tuple:
+  return (f"    constexpr {decl}", f"    static constexpr {decl}")
+
+
+FORK_PATCHES = {
+    # extension: {file: ((old, new), ...)}; every `old` must occur, all its occurrences change.
+    "selective_scan_cuda": {
+        # mamba_ssm d49d7c9 (2.2.6, "support CUDA 13"): CCCL 3 dropped these cub helpers.
+        "reverse_scan.cuh": (("cub::CTA_SYNC()", "__syncthreads()"),
+                             ("cub::LaneId()", "(threadIdx.x & 0x1f)")),
+        # mamba_ssm b29375c (2.2.3): no ATen/cuda/CUDAContext.h (it pulls in cusparse.h).
+        "selective_scan.cpp": (_NO_CUDA_CONTEXT, ("(char)u.get_device()", "u.device()")),
+    },
+    "causal_conv1d_cuda": {
+        # causal_conv1d 1f502d4 (1.5.0.post4): the same include and device guard.
+        "causal_conv1d.cpp": (_NO_CUDA_CONTEXT, ("(char)x.get_device()", "x.device()")),
+        # causal_conv1d ef3efba (1.0.1, "fix some build issues"): kernel constants the dispatch
+        # lambdas use become static (here every local copy of the two, not only the first).
+        "causal_conv1d_fwd.cu": (_static("bool kIsVecLoad"),),
+        "causal_conv1d_bwd.cu": (_static("int kNElts"), _static("bool kIsVecLoad")),
+    },
+}
+
+
+def fork_root(release_dir: str) -> str:
+  """The release's ``videomamba/`` folder; a clear error if ``release_dir`` is not its checkout."""
+  root = os.path.join(release_dir, "videomamba")
+  if not os.path.isdir(os.path.join(root, "_mamba", "csrc")):
+    raise FileNotFoundError(f"{release_dir!r} is not the EndoMamba release checkout (no "
+                            "videomamba/_mamba/csrc); run `bash launch/gpu_wheels.sh --releases` "
+                            "and carry .whl")
+  return root
+
+
+def prepare_fork_sources(release_dir: str, name: str, out: str) -> str:
+  """Copies extension ``name``'s sources out of the release checkout into ``out`` and applies
+  ``FORK_PATCHES``; returns ``out``. Raises if a patched line is not in the release's file."""
+  csrc, _ = FORKS[name]
+  src = os.path.join(fork_root(release_dir), csrc)
+  if os.path.isdir(out):
+    shutil.rmtree(out)
+  shutil.copytree(src, out)
+  for file, edits in FORK_PATCHES[name].items():
+    path = os.path.join(out, file)
+    with open(path) as f:
+      text = f.read()
+    for old, new in edits:
+      if old not in text:
+        raise ValueError(f"{name}: {old!r} not in {os.path.join(src, file)}; the release's "
+                         "sources changed, FORK_PATCHES needs a look")
+      text = text.replace(old, new)
+    with open(path, "w") as f:
+      f.write(text)
+  return out
+
+
+def build_fork(release_dir: str, build_dir: str, jobs: int = 16) -> list:
+  """Builds the EndoMamba release's ``selective_scan_cuda`` and ``causal_conv1d_cuda`` from its
+  checkout into ``build_dir/<name>/ext`` (each only when its ``.so`` is not there yet) and returns
+  the two ``ext`` folders, for ``sys.path``."""
+  out = []
+  for name, (_, sources) in FORKS.items():
+    ext = os.path.join(build_dir, name, "ext")
+    if not glob.glob(os.path.join(ext, f"{name}*.so")):
+      src = prepare_fork_sources(release_dir, name, os.path.join(build_dir, name, "src"))
+      _compile_sources(name, src, sources, ext, jobs)
+    out.append(ext)
+  return out
+
+
 if __name__ == "__main__":
   if len(sys.argv) != 3:
-    sys.exit("usage: python -m vidssm_jax.bench.mamba_ssm_build SDIST BUILD_DIR "
-             "(SDIST: mamba_ssm-*.tar.gz or causal_conv1d-*.tar.gz)")
-  if os.path.basename(sys.argv[1]).startswith("causal_conv1d"):
+    sys.exit("usage: python -m vidssm_jax.bench.mamba_ssm_build SOURCE BUILD_DIR (SOURCE: "
+             "mamba_ssm-*.tar.gz, causal_conv1d-*.tar.gz or the EndoMamba release checkout)")
+  if os.path.isdir(sys.argv[1]):
+    print(build_fork(sys.argv[1], sys.argv[2]))
+  elif os.path.basename(sys.argv[1]).startswith("causal_conv1d"):
     build_causal_conv1d(sys.argv[1], sys.argv[2])
   else:
     build(sys.argv[1], sys.argv[2])
