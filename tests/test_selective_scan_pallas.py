@@ -148,6 +148,13 @@ def test_automatic_segments_by_shape():
   assert forward_block(4 * 16, 384, 1, 16, config, split=True) == (16, 1)
   assert forward_block(1 * 16, 768, 1, 16, config, split=True) == (32, 4)
   assert forward_block(64, 384, 1, 16, PallasConfig(block_d=8), split=True) == (8, 1)
+  # Unsplit: 32 channels on 4 warps while that gives two programs per SM; fewer rows shrink the
+  # programs to one state element per thread (a live stream's scan, both BiMamba directions).
+  assert forward_block(16, 768, 1, 16, config) == (32, 4)
+  assert forward_block(1, 768, 1, 16, config) == (2, 1)
+  assert forward_block(1, 1536, 2, 16, config) == (4, 2)
+  assert forward_block(1, 768, 1, 8, config) == (4, 1)
+  assert forward_block(1, 768, 1, 16, PallasConfig(block_d=8)) == (8, 1)
 
 
 def test_public_entry_without_softplus_or_extras_and_undifferentiated():

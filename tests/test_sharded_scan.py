@@ -75,6 +75,9 @@ SCRIPT = textwrap.dedent('''
     mean_sq = lambda mod, v: (jnp.mean(mod(v).astype(jnp.float32) ** 2), None)
     clip = jax.random.normal(jax.random.key(3), (8, 3, 16, 16, 3))
     check("endomamba", endo, mean_sq, clip, (), dict(data=4, fsdp=2, tensor=1))
+    # Channels sharded: the bidirectional blocks run their two directions one after the other
+    # (the fused two-group scan needs every channel of both on one device).
+    check("endomamba", endo, mean_sq, clip, (), dict(data=2, fsdp=2, tensor=2))
     print("OK")
 ''')
 
@@ -87,4 +90,4 @@ def test_fused_scan_runs_on_local_shards_and_matches_one_device():
   print(proc.stdout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert proc.stdout.strip().endswith("OK")
-  assert proc.stdout.count("inside/outside shard_map") == 2
+  assert proc.stdout.count("inside/outside shard_map") == 3

@@ -198,8 +198,9 @@ def _jax_step_row(loss, params, tx, video, repeats: int) -> dict:
               batch=int(video.shape[0]))
 
 
-def ours(row: str, rec: dict, repeats: int) -> dict:
-  """Our E-ViM3 row: ``evim3_p4`` pretraining or EF fine-tuning, with the release's recipe."""
+def ours(row: str, rec: dict, repeats: int, remat: str = "full") -> dict:
+  """Our E-ViM3 row: ``evim3_p4`` pretraining or EF fine-tuning, with the release's recipe and
+  ``remat`` per scanned block."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -208,7 +209,7 @@ def ours(row: str, rec: dict, repeats: int) -> dict:
   from vidssm_jax.models import create_model
 
   _, name, task = EVIM3_ROWS[row]
-  model = create_model(name, dtype=jnp.bfloat16)
+  model = create_model(name, dtype=jnp.bfloat16, remat=remat)
   b, t, size, c = CLIP
   video = jax.random.normal(jax.random.key(0), (b, t, size, size, c), jnp.float32)
   if task == "pretrain":
@@ -227,12 +228,12 @@ def ours(row: str, rec: dict, repeats: int) -> dict:
   tx = optax.chain(optax.clip_by_global_norm(rec["clip"]),
                    optax.adamw(rec["lr"], eps=rec["eps"], weight_decay=rec["weight_decay"]))
   out = _jax_step_row(loss, params, tx, video, repeats)
-  out["what"] = f"jax {jax.__version__} on {jax.default_backend()}, scan backend auto"
+  out["what"] = f"jax {jax.__version__} on {jax.default_backend()}, scan backend auto, remat {remat}"
   return out
 
 
 def ours_endomamba_pretrain(rec: dict, repeats: int, batch: int = 8, frames: int = 16,
-                            dtype=None, **overrides) -> dict:
+                            dtype=None, remat: str = "full", **overrides) -> dict:
   """Our EndoMamba-S pretraining step (``endomamba_small_pretrain``, no teacher) with the
   release's recipe; ``overrides`` (``create_model``'s) shrink the model for tests."""
   import jax
@@ -243,7 +244,7 @@ def ours_endomamba_pretrain(rec: dict, repeats: int, batch: int = 8, frames: int
   from vidssm_jax.models import create_model
 
   model = create_model("endomamba_small_pretrain", dtype=dtype or jnp.bfloat16,
-                       num_frames=frames, **overrides)
+                       num_frames=frames, remat=remat, **overrides)
   if rec["mask_ratio"] != model.mask_ratio:
     raise ValueError(f"mask ratio: release {rec['mask_ratio']}, ours {model.mask_ratio}")
   size, c = model.backbone.img_size, model.backbone.in_chans
@@ -255,7 +256,8 @@ def ours_endomamba_pretrain(rec: dict, repeats: int, batch: int = 8, frames: int
   if rec["clip"]:
     tx = optax.chain(optax.clip_by_global_norm(rec["clip"]), tx)
   out = _jax_step_row(loss, params, tx, video, repeats)
-  out["what"] = f"jax {jax.__version__} on {jax.default_backend()}, scan backend auto, no teacher"
+  out["what"] = (f"jax {jax.__version__} on {jax.default_backend()}, scan backend auto, remat "
+                 f"{remat}, no teacher")
   return out
 
 
@@ -616,13 +618,13 @@ def _measure(args) -> dict:
     cfg = release_config(args.evim3, EVIM3_ROWS[args.row][0])
     rec = recipe(cfg)
     if ours_side:
-      return ours(args.row, rec, args.repeats)
+      return ours(args.row, rec, args.repeats, args.remat)
     return release(args.row, cfg, rec, args.repeats, args.evim3, args.build, args.sdists)
   task, batch, t = ENDOMAMBA_ROWS[args.row]  # t: the clip's frames, or a stream's history
   if task == "pretrain":
     rec = endomamba_recipe(args.endomamba, batch)
     if ours_side:
-      return ours_endomamba_pretrain(rec, args.repeats, batch, t)
+      return ours_endomamba_pretrain(rec, args.repeats, batch, t, remat=args.remat)
     return release_endomamba_pretrain(rec, args.repeats, args.endomamba, args.build, batch, t)
   if ours_side:
     return ours_endomamba_stream(batch, t, args.frames)
@@ -642,7 +644,8 @@ def _child(args) -> None:
 def _run_side(args, row: str, side: str) -> dict:
   cmd = [sys.executable, "-m", "vidssm_jax.bench.vs_release", "--child", side, "--row", row,
          "--evim3", args.evim3, "--endomamba", args.endomamba, "--build", args.build,
-         "--sdists", args.sdists, "--repeats", str(args.repeats), "--frames", str(args.frames)]
+         "--sdists", args.sdists, "--repeats", str(args.repeats), "--frames", str(args.frames),
+         "--remat", args.remat]
   proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
   for line in proc.stdout.splitlines():
     if line.startswith(_MARK):
@@ -669,6 +672,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--repeats", type=int, default=10, help="timed steps of a training row")
   p.add_argument("--frames", type=int, default=50, help="timed frames of a stream row")
   p.add_argument("--timeout", type=int, default=900, help="seconds per side")
+  p.add_argument("--remat", default="full", choices=("none", "full", "dots"),
+                 help="our training rows' rematerialisation per scanned block: full (the default) "
+                      "saves only each block's input, which took our steps below the releases' "
+                      "memory at about the same speed on an H200 (README, train_step)")
   p.add_argument("--sides", default="ours,release",
                  help="which sides to run now (ours first: the release may still be building)")
   p.add_argument("--results", help="a JSON file that keeps each side's rows between runs, "

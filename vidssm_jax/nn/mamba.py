@@ -126,7 +126,8 @@ def _mesh_spec(mesh, size: int, axes) -> Optional[tuple]:
 
 def sharded_selective_scan(u, delta, A, B, C, D, z, delta_bias, *, initial_state=None, **kwargs):
   """``ops.selective_scan`` (``return_final_state=True``) on each device's local shard when
-  traced under a mesh, else directly. Shapes as ``selective_scan``; B, C ``(b, l, n)``."""
+  traced under a mesh, else directly. Shapes as ``selective_scan``; B, C ``(b, l, n)`` or, with
+  groups, ``(b, l, g, n)`` (then the channels must not be sharded: see ``channels_sharded``)."""
   mesh = jax.sharding.get_abstract_mesh()
   scan = lambda *a: selective_scan(*a[:8], delta_softplus=True, initial_state=a[8],
                                    return_final_state=True, **kwargs)
@@ -139,10 +140,15 @@ def sharded_selective_scan(u, delta, A, B, C, D, z, delta_bias, *, initial_state
   seq, vec = P(bt, None, ch), P(ch)
   if h0 is None:
     h0 = jnp.zeros(u.shape[:1] + A.shape, jnp.float32)
-  in_specs = (seq, seq, P(ch, None), P(bt, None, None), P(bt, None, None), vec, seq, vec,
-              P(bt, ch, None))
+  in_specs = (seq, seq, P(ch, None), P(bt), P(bt), vec, seq, vec, P(bt, ch, None))
   return jax.shard_map(scan, mesh=mesh, in_specs=in_specs, out_specs=(seq, P(bt, ch, None)),
                        check_vma=False)(u, delta, A, B, C, D, z, delta_bias, h0)
+
+
+def channels_sharded(d: int) -> bool:
+  """Whether a scan over ``d`` channels traced now would be split over the channel mesh axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and _mesh_spec(mesh, d, (CHANNEL_MESH_AXIS,)) is not None
 
 
 class SSMBranch(nn.Module):
@@ -187,13 +193,15 @@ class SSMBranch(nn.Module):
     x, conv_state = causal_conv1d(x, self.conv_weight, self.conv_bias, "silu", initial_state=conv_state,
                                   return_final_state=True)
     dt, B, C = self._ssm_inputs(x)
-    # Initialisation only needs shapes: it never lowers a fused kernel (the parameters do not
-    # depend on the backend, and the unused forward of a jitted init is dead code).
-    backend = "reference" if self.is_initializing() else self.cfg.scan_backend
     y, ssm_state = sharded_selective_scan(
         x, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, initial_state=ssm_state,
-        backend=backend, chunk_size=self.cfg.chunk_size)
+        backend=self.scan_backend(), chunk_size=self.cfg.chunk_size)
     return y, (conv_state, ssm_state)
+
+  def scan_backend(self) -> str:
+    # Initialisation only needs shapes: it never lowers a fused kernel (the parameters do not
+    # depend on the backend, and the unused forward of a jitted init is dead code).
+    return "reference" if self.is_initializing() else self.cfg.scan_backend
 
   def step(self, x_t: Array, z_t: Array, conv_state: Array, ssm_state: Array):
     """One token: ``x_t, z_t: (b, D_inner)``; returns ``(y_t, (conv_state, ssm_state))``."""
@@ -294,6 +302,14 @@ class MambaMixer(_MixerBase):
     return self.out_proj(y), {"conv": conv.astype(jnp.float32), "ssm": ssm}
 
 
+# BiMambaMixer fuses its two directions by default below this many batch rows × channels: 264
+# programs of 32 channels, where the fused kernel's few-row programs start to pay. Measured on an
+# H100 (EndoMamba-S, bf16, `bench.vs_release`, fused against apart): a live stream at batch 1
+# 2.18 against 2.34 ms a frame, but 16 streams 5.06 against 4.40 ms and the pretraining step
+# (128 rows) 58.7 against 57.8 ms.
+FUSE_BELOW_ROW_CHANNELS = 264 * 32
+
+
 class BiMambaMixer(_MixerBase):
   """Bidirectional Mamba mixer (Vision Mamba "v2"). ``(b, l, dim) -> (b, l, dim)``.
 
@@ -303,6 +319,14 @@ class BiMambaMixer(_MixerBase):
   """
 
   divide_out: bool = False
+  # Run both directions as one conv and one selective scan of 2·D_inner channels in two groups
+  # (the backward branch's channels on the flipped sequence): the same arithmetic as two
+  # separate branches, in half the kernel launches, so with few rows the two scans fill the GPU
+  # side by side instead of one after the other. ``None`` (the default): only when
+  # ``batch · D_inner`` is below ``FUSE_BELOW_ROW_CHANNELS`` (a live stream); True / False:
+  # always / never. The branches also run apart when the channels are sharded over the
+  # ``tensor`` mesh axis.
+  fuse_directions: Optional[bool] = None
 
   def setup(self):
     self.in_proj, self.out_proj = self._projections()
@@ -312,12 +336,33 @@ class BiMambaMixer(_MixerBase):
   def __call__(self, x: Array) -> Array:
     self._check(x, 3, "(batch, length, dim)")
     x_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
-    y_f, _ = self.ssm(x_in, z)
-    y_b, _ = self.ssm_b(jnp.flip(x_in, 1), jnp.flip(z, 1))
-    y = y_f + jnp.flip(y_b, 1)
+    fuse = self.fuse_directions
+    if fuse is None:
+      fuse = x.shape[0] * self.d_inner < FUSE_BELOW_ROW_CHANNELS
+    if fuse and not channels_sharded(2 * self.d_inner):
+      y = self._both_directions(x_in, z)
+    else:
+      y_f, _ = self.ssm(x_in, z)
+      y_b, _ = self.ssm_b(jnp.flip(x_in, 1), jnp.flip(z, 1))
+      y = y_f + jnp.flip(y_b, 1)
     if self.divide_out:
       y = y / 2
     return self.out_proj(y)
+
+  def _both_directions(self, x: Array, z: Array) -> Array:
+    """``x, z (b, l, D)`` -> ``y_f + flip(y_b)`` ``(b, l, D)``, both branches in one conv and one
+    grouped scan over the channels ``[forward | backward on the flipped sequence]``."""
+    (b, l, d), branches = x.shape, (self.ssm, self.ssm_b)
+    both = lambda v: jnp.concatenate([v, jnp.flip(v, 1)], axis=-1)  # (b, l, 2D)
+    cat = lambda name, axis=0: jnp.concatenate([getattr(s, name) for s in branches], axis=axis)
+    xc = causal_conv1d(both(x), cat("conv_weight", 1), cat("conv_bias"), "silu")
+    ins = [s._ssm_inputs(xc[..., i * d:(i + 1) * d]) for i, s in enumerate(branches)]
+    dt = jnp.concatenate([v[0] for v in ins], axis=-1)  # (b, l, 2D)
+    B, C = (jnp.stack([v[k] for v in ins], axis=2) for k in (1, 2))  # (b, l, 2, N)
+    y, _ = sharded_selective_scan(
+        xc, dt, -jnp.exp(cat("A_log")), B, C, cat("D"), both(z), cat("dt_bias"),
+        backend=self.ssm.scan_backend(), chunk_size=self.cfg.chunk_size)
+    return y[..., :d] + jnp.flip(y[..., d:], 1)
 
 
 class MambaBlock(nn.Module):
