@@ -285,6 +285,7 @@ LOWERING_VARIANTS = {
     "groups-reverse-h0": dict(g=2, reverse=True, h0=True, config=SHORT),
     "no-extras-no-softplus": dict(extras=False, softplus=False, config=SHORT),
     "n5-atomic": dict(n=5, config=PallasConfig(chunk=4, atomic_dbc=True)),
+    "bwd-fast-math": dict(config=PallasConfig(chunk=4, bwd_fast_math=True)),
     # The length-parallel scan runs the light states kernel, then the forward kernel; its
     # gradient adds the light adjoints kernel and one backward kernel.
     "segments": dict(reverse=True, h0=True, config=PallasConfig(chunk=4, segments=2),
@@ -313,3 +314,17 @@ def test_kernels_lower_for_cuda(variant):
   for exported, kernels in zip((forward, gradient), v["kernels"]):
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == kernels, variant
+
+
+def test_bench_chains_stream_scans_from_state_to_state():
+  """bench.scan times a live stream's scan as ``k`` calls in one program, each from the state
+  the one before left: the chain equals the oracle run ``k`` times, feeding its state on."""
+  from vidssm_jax.bench.scan import _chained_stream, _scan_fn, make_inputs as bench_inputs
+  from vidssm_jax.bench.scan import with_initial_state
+  x = with_initial_state(bench_inputs(1, 7, 8, 4, jnp.float32))
+  h = _chained_stream(_scan_fn("reference", final_state=True), k=3)(x)
+  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  h_ref = ref.pop("initial_state")
+  for _ in range(3):
+    _, h_ref = numpy_selective_scan(**ref, delta_softplus=True, h0=h_ref)
+  assert rel_err(h, h_ref) <= 1e-5

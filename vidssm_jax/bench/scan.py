@@ -11,7 +11,9 @@ Common flags: ``--shapes b,l,d,n ...``, ``--dtypes float32 bfloat16``, ``--backe
 
 **Table.** For each shape (b, l, d, n) (on GPU the four generic shapes, then the scans the two
 models run: ``GPU_SHAPES``; a fifth entry ``h0`` starts from a given state and runs forward
-only, as a live stream does) and dtype, every backend registered for the platform runs
+only, as a live stream does, timed per call over ``STREAM_CHAIN`` calls chained in one program,
+and on the PyTorch side in one CUDA graph, since one call is shorter than the host's dispatch)
+and dtype, every backend registered for the platform runs
 on the same inputs (u, delta, z, B, C, A, D, delta_bias, softplus: the Mamba mixer's call) and
 prints the median forward and forward+backward time (a VJP with a random cotangent) and the
 fraction of the memory floor they reach: the bytes of the inputs read once plus the outputs
@@ -77,6 +79,7 @@ SWEEP_SHAPE = (8, 1568, 768, 16)
 SEGMENT_SWEEP = (1, 2, 4, 8, 16, 32, 64)  # --sweep-segments: PallasConfig.segments values
 FUSED = ("pallas",)  # the fused-kernel backend (--sweep, --compile-only, the summary)
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+STREAM_CHAIN = 32  # scans per timed program in an "h0" row (``_chained_stream``)
 _REFERENCE_MAX_ELEMENTS = 1 << 28  # b·l·d·n up to which the pure-PyTorch reference is timed
 
 
@@ -158,8 +161,9 @@ def _pallas_config(name: str):
       DEFAULT_CONFIG
 
 
-def _scan_fn(backend: str, config=None):
-  """``f(x) -> y`` for the mixer's call, through the public entry or a Pallas config.
+def _scan_fn(backend: str, config=None, final_state: bool = False):
+  """``f(x) -> y`` (``final_state``: ``(y, h_last)``) for the mixer's call, through the public
+  entry or a Pallas config.
 
   ``pallas-s1`` is the Pallas backend without the length split (``PallasConfig(segments=1)``),
   timed beside the default (split chosen by shape) so the table shows what the split buys.
@@ -169,11 +173,25 @@ def _scan_fn(backend: str, config=None):
   if config is None:
     return lambda x: selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                     x["delta_bias"], delta_softplus=True, backend=backend,
-                                    initial_state=x.get("initial_state"))
+                                    initial_state=x.get("initial_state"),
+                                    return_final_state=final_state)
   from vidssm_jax.ops.selective_scan_pallas import selective_scan_pallas as entry
   return lambda x: entry(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                          x["delta_bias"], True, config=config,
-                         initial_state=x.get("initial_state"))
+                         initial_state=x.get("initial_state"), return_final_state=final_state)
+
+
+def _chained_stream(fn, k: int = STREAM_CHAIN):
+  """``k`` scans in one jitted program, each starting from the state the one before left (as
+  a live stream's layers and frames chain them): timed and divided by ``k``, the device time
+  of one call without the host's per-call dispatch, which at these sizes is longer than the
+  kernel."""
+  def run(x):
+    h = x["initial_state"]
+    for _ in range(k):  # unrolled: an XLA while loop would add a host round trip per step
+      _, h = fn({**x, "initial_state": h})
+    return h
+  return jax.jit(run)
 
 
 def _jitted_pair(fn, x):
@@ -262,10 +280,13 @@ def torch_peer():
   return _torch_reference_scan, "torch reference (mamba_ssm not built)"
 
 
-def torch_times(fn, x, dy, repeats=10, forward_only=False):
+def torch_times(fn, x, dy, repeats=10, forward_only=False, chain=1):
   """(forward ms, forward+backward ms or None) of a PyTorch scan on the same inputs, timed with
   CUDA events. (mamba_ssm's selective_scan_fn takes no initial state: a row with one times the
-  peer from zero, the same work but for reading one state.)"""
+  peer from zero, the same work but for reading one state.) ``chain`` > 1: the forward is
+  ``chain`` calls captured in one CUDA graph, replayed and divided by ``chain`` (the device time
+  of a call without the host's launch cost, as ``_chained_stream`` times ours); where capture
+  fails, ``chain`` calls in a loop."""
   import torch
   to_t = lambda a, t=True: torch.from_numpy(np.ascontiguousarray(
       np.asarray(a.astype(jnp.float32)).transpose(0, 2, 1) if t else np.asarray(a, np.float32)
@@ -296,8 +317,29 @@ def torch_times(fn, x, dy, repeats=10, forward_only=False):
     return statistics.median(times)
 
   with torch.no_grad():
-    f_ms = median(fwd)
+    f_ms = median(fwd) if chain == 1 else median(_torch_chain(fwd, chain)) / chain
   return f_ms, None if forward_only else median(fwd_bwd)
+
+
+def _torch_chain(fn, k):
+  """A callable running ``fn`` ``k`` times: one CUDA graph replay, or a plain loop where the
+  graph cannot be captured."""
+  import torch
+  try:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture requires
+      for _ in range(3):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+      for _ in range(k):
+        fn()
+    return graph.replay
+  except Exception as e:
+    print(f"CUDA graph capture failed ({_short_error(e)}); timing {k} calls in a loop")
+    return lambda: [fn() for _ in range(k)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +362,10 @@ def run_table(shapes, dtypes, backends, *, with_torch: bool):
       x = with_initial_state(x) if h0 else x
       for backend in backends:
         fwd, fb, dy = _jitted_pair(_scan_fn(backend), x)
+        if h0:  # a stream runs forward only, chained from state to state
+          fwd = _chained_stream(_scan_fn(backend, final_state=True))
         jobs[(shape, dtype, backend, "f")] = (fwd, (x,))
-        if not h0:  # a stream runs forward only
+        if not h0:
           jobs[(shape, dtype, backend, "fb")] = (fb, (x, dy))
       inputs[(shape, dtype)] = (x, dy)
   start = time.perf_counter()
@@ -339,8 +383,10 @@ def run_table(shapes, dtypes, backends, *, with_torch: bool):
         if isinstance(f, Exception) or isinstance(fb, Exception):
           results[(shape, dtype, backend)] = _short_error(f if isinstance(f, Exception) else fb)
           continue
+        chain = STREAM_CHAIN if forward_only else 1
         results[(shape, dtype, backend)] = (
-            median_ms(f, x, inner=inner), None if fb is None else median_ms(fb, x, dy, inner=inner))
+            median_ms(f, x, inner=inner) / chain,
+            None if fb is None else median_ms(fb, x, dy, inner=inner))
       if peer is not None:
         if peer is _torch_reference_scan and math.prod(shape[:4]) > _REFERENCE_MAX_ELEMENTS:
           # Its (b, d, l, n) intermediates and Python loop over l take minutes and gigabytes.
@@ -349,7 +395,7 @@ def run_table(shapes, dtypes, backends, *, with_torch: bool):
           try:
             results[(shape, dtype, "torch")] = torch_times(
                 peer, x, dy, repeats=3 if peer is _torch_reference_scan else 10,
-                forward_only=forward_only)
+                forward_only=forward_only, chain=STREAM_CHAIN if forward_only else 1)
           except Exception as e:
             results[(shape, dtype, "torch")] = _short_error(e)
       _print_rows(shape, dtype, backends + (["torch"] if peer else []), results, bandwidth,

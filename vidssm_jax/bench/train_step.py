@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -104,13 +103,10 @@ def _memory_gib(compiled) -> float:
   return total / 2**30
 
 
-def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str,
-               compiler_options: Optional[dict] = None) -> dict:
+def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str) -> dict:
   """One model's compiled AdamW step: ``run(video) -> loss`` (it updates its own state), the
   ``video``, the ``compiled`` program, its parameters and the init / lower / compile seconds.
-  ``compiler_options``: XLA's, by default the training steps' (``STEP_COMPILER_OPTIONS``)."""
-  if compiler_options is None:
-    compiler_options = STEP_COMPILER_OPTIONS
+  XLA compiles it with the training steps' options (``STEP_COMPILER_OPTIONS``)."""
   base = label.split("+")[0]
   registry_name, overrides, (b, t, size, c) = _shapes(small)[base]
   kw = dict(dtype=dtype, remat=remat, **overrides)
@@ -145,8 +141,8 @@ def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str,
   opt_state = tx.init(params)
   rng = jax.random.key(1)
   start = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options).lower(params, opt_state, teacher_params, video,
-                                                       rng)
+  jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=STEP_COMPILER_OPTIONS)
+  lowered = jitted.lower(params, opt_state, teacher_params, video, rng)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()

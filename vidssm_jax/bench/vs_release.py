@@ -388,15 +388,23 @@ def release(row: str, cfg: dict, rec: dict, repeats: int, release_dir: str, buil
         loss = F.mse_loss(out["pred_masked"], out["original_masked"])
       else:
         loss = F.mse_loss(out["pred_ef"], target)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), rec["clip"])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+    return _torch_update(model, opt, loss, rec["clip"])
 
   ms, loss = _cuda_event_ms(step, repeats)
   return dict(ms=ms, mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss),
               batch=b, what=f"torch {torch.__version__}, " + " + ".join(loaded))
+
+
+def _torch_update(model, opt, loss, clip):
+  """The releases' optimizer step: backward, the gradient-norm clip (none when ``clip`` is 0 or
+  None), AdamW, gradients dropped. Returns ``loss``."""
+  import torch
+  loss.backward()
+  if clip:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,12 +531,7 @@ def release_endomamba_pretrain(rec: dict, repeats: int, release_dir: str, build:
     with torch.autocast("cuda", dtype=torch.bfloat16):
       pred, _ = model(videos, mask, 1)  # the engine's tubelet_size
       loss = F.mse_loss(pred, labels)
-    loss.backward()
-    if rec["clip"]:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), rec["clip"])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+    return _torch_update(model, opt, loss, rec["clip"])
 
   ms, loss = _cuda_event_ms(step, repeats)
   return dict(ms=ms, mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=float(loss),

@@ -113,6 +113,7 @@ class PallasConfig:
   bwd_block_d: int = 8
   bwd_num_warps: int = 1
   bwd_recompute_decay: bool = True
+  bwd_fast_math: bool = False
   prefetch: bool = True
   num_stages: int = 1
   atomic_dbc: bool = False
@@ -212,6 +213,7 @@ class _Spec:
   bwd_warps: int
   num_stages: int
   bwd_recompute_decay: bool
+  bwd_fast_math: bool
   prefetch: bool
   atomic_dbc: bool
   interpret: bool
@@ -463,7 +465,7 @@ def _backward_kernel(*refs, spec: _Spec, prefilled=()):
   # The backward keeps libdevice's exp2 / sigmoid: on an H100, both versions timed in one run,
   # the approximations took the forward + backward from 1.38 to 1.41 ms at (8, 1568, 768, 16)
   # bf16 and 0.66 to 0.72 ms at (32, 197, 768, 16), while they sped up every other kernel.
-  rows = _Rows(r, spec, acc, bd, fast=False)
+  rows = _Rows(r, spec, acc, bd, fast=spec.bwd_fast_math)
   A = r["A"][rows.chans, :].astype(acc)
   A2 = A * _LOG2E
   A2x2 = A2 * 2.0
@@ -809,7 +811,8 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
       b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
       fwd_warps=fwd_warps, bwd_warps=config.bwd_num_warps, num_stages=config.num_stages,
-      bwd_recompute_decay=config.bwd_recompute_decay, prefetch=config.prefetch,
+      bwd_recompute_decay=config.bwd_recompute_decay, bwd_fast_math=config.bwd_fast_math,
+      prefetch=config.prefetch,
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
       has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
       reverse=reverse)
