@@ -114,6 +114,7 @@ class PallasConfig:
   bwd_num_warps: int = 1
   bwd_recompute_decay: bool = True
   bwd_fast_math: bool = False
+  gate_in_kernel: bool = True
   prefetch: bool = True
   num_stages: int = 1
   atomic_dbc: bool = False
@@ -786,6 +787,9 @@ def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, r
   """
   del chunk_size
   config = config or DEFAULT_CONFIG
+  gate = None
+  if z is not None and not config.gate_in_kernel:
+    z, gate = None, z
   b, l, d = u.shape
   g, n = B.shape[2], B.shape[3]
   n_pad = _pow2_at_least(n)
@@ -798,7 +802,16 @@ def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, r
     scan = functools.partial(_segmented_scan, config, segments)
   y, h_last = scan(u, delta, A, B, C, D, z, delta_bias, h0, softplus=bool(delta_softplus),
                    reverse=bool(reverse))
+  if gate is not None:
+    y = _silu_gate(y, gate)
   return y, h_last[..., :n]
+
+
+def _silu_gate(y, z):
+  """``y · silu(z)`` computed in at least float32 and rounded once to ``y``'s dtype."""
+  acc = jnp.promote_types(y.dtype, jnp.float32)
+  z = z.astype(acc)
+  return (y.astype(acc) * (z * jax.nn.sigmoid(z))).astype(y.dtype)
 
 
 def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, reverse,
