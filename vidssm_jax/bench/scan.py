@@ -645,7 +645,10 @@ def sweep_variants():
              dict(bwd_block_d=16, bwd_num_warps=2),
              dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
              dict(bwd_recompute_decay=False),
-             dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True)]
+             dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True),
+             dict(bwd_fast_math=True), dict(gate_in_kernel=False),
+             dict(gate_in_kernel=False, bwd_fast_math=True),
+             dict(gate_in_kernel=False, bwd_fast_math=True, bwd_block_d=4)]
   out = []
   for change in changes:
     label = ",".join(f"{k}={v}" for k, v in change.items()) or "default"
@@ -654,7 +657,7 @@ def sweep_variants():
 
 
 # The config fields the forward kernel depends on: variants equal in these share its timing.
-_FORWARD_FIELDS = ("block_d", "num_warps", "chunk", "prefetch", "num_stages")
+_FORWARD_FIELDS = ("block_d", "num_warps", "chunk", "prefetch", "num_stages", "gate_in_kernel")
 
 
 def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):
@@ -799,6 +802,7 @@ def pallas_ttir(config, shape, dtype=jnp.float32):
 
 
 def run_compile_only(backends, shape=SWEEP_SHAPE):
+  from vidssm_jax.ops.selective_scan_pallas import forward_block
   print(f"offline sm_90 compile at {shape} float32 (triton's ptxas): registers per thread, "
         "spill bytes, and ex2 / shfl / bar.sync counts in the PTX")
   print(f"  {'backend':<8} {'variant':<40} {'kernel':<4} {'regs':>5} {'spill':>6} {'ex2':>5} "
@@ -806,9 +810,10 @@ def run_compile_only(backends, shape=SWEEP_SHAPE):
   for backend in [b for b in backends if b in FUSED]:
     for label, config in sweep_variants():
       try:
+        fwd_warps = forward_block(shape[0], shape[2], 1, shape[3], config)[1]
         stats = [(name, _compile_ttir(text, warps, config.num_stages))
                  for (name, text), warps in zip(pallas_ttir(config, shape),
-                                                (config.num_warps, config.bwd_num_warps))]
+                                                (fwd_warps, config.bwd_num_warps))]
       except Exception as e:
         print(f"  {backend:<8} {label:<40} failed: {_short_error(e)}")
         continue
