@@ -93,10 +93,10 @@ def test_forward_and_gradients_match_numpy_oracle(case, dtype, tol):
     pytest.param(PallasConfig(), id="default"),
     pytest.param(PallasConfig(chunk=1, block_d=1, bwd_block_d=1), id="chunk1"),
     pytest.param(PallasConfig(chunk=2, block_d=8, bwd_block_d=4, atomic_dbc=True), id="atomic"),
-    pytest.param(PallasConfig(chunk=4, block_d=4, bwd_block_d=2, gate_in_kernel=False),
-                 id="gate-outside"),
-    pytest.param(PallasConfig(chunk=4, gate_in_kernel=False, segments=2),
-                 id="gate-outside-segments"),
+    pytest.param(PallasConfig(chunk=4, block_d=4, bwd_block_d=2, gate_in_kernel=True),
+                 id="gate-in-kernel"),
+    pytest.param(PallasConfig(chunk=4, gate_in_kernel=True, segments=2),
+                 id="gate-in-kernel-segments"),
 ])
 def test_kernel_configs_agree_with_oracle(config):
   # l = 11 is a multiple of none of the chunks but 1 (a tail chunk), and 16 channels in 2
@@ -289,8 +289,10 @@ LOWERING_VARIANTS = {
     "groups-reverse-h0": dict(g=2, reverse=True, h0=True, config=SHORT),
     "no-extras-no-softplus": dict(extras=False, softplus=False, config=SHORT),
     "n5-atomic": dict(n=5, config=PallasConfig(chunk=4, atomic_dbc=True)),
-    "bwd-fast-math": dict(config=PallasConfig(chunk=4, bwd_fast_math=True)),
-    "gate-outside": dict(config=PallasConfig(chunk=4, gate_in_kernel=False)),
+    "bwd-libdevice": dict(config=PallasConfig(chunk=4, bwd_fast_math=False)),
+    "gate-in-kernel": dict(config=PallasConfig(chunk=4, gate_in_kernel=True)),
+    "gate-in-kernel-segments": dict(reverse=True, h0=True, kernels=(2, 4), config=PallasConfig(
+        chunk=4, segments=2, gate_in_kernel=True)),
     # The length-parallel scan runs the light states kernel, then the forward kernel; its
     # gradient adds the light adjoints kernel and one backward kernel.
     "segments": dict(reverse=True, h0=True, config=PallasConfig(chunk=4, segments=2),

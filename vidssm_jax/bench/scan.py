@@ -646,9 +646,8 @@ def sweep_variants():
              dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
              dict(bwd_recompute_decay=False),
              dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True),
-             dict(bwd_fast_math=True), dict(gate_in_kernel=False),
-             dict(gate_in_kernel=False, bwd_fast_math=True),
-             dict(gate_in_kernel=False, bwd_fast_math=True, bwd_block_d=4)]
+             dict(bwd_fast_math=False), dict(gate_in_kernel=True),
+             dict(gate_in_kernel=True, bwd_fast_math=False)]
   out = []
   for change in changes:
     label = ",".join(f"{k}={v}" for k, v in change.items()) or "default"

@@ -14,8 +14,9 @@ chunks of ``chunk`` steps:
                  dD, d delta_bias (over the batch rows), summed in XLA afterwards.
 
 Each step does the discretisation ``dt = softplus(delta + delta_bias)``, the update
-``h = exp(dt A) h + dt u B``, the contraction ``<h, C>``, the D skip and the z gate in
-registers, so the kernels read every input once and write every output once. The backward
+``h = exp(dt A) h + dt u B``, the contraction ``<h, C>``, the D skip and (with
+``PallasConfig.gate_in_kernel``; by default XLA applies it to y) the z gate in registers, so the
+kernels read every input once and write every output once. The backward
 walks the chunks from last to first: it recomputes the chunk's ``chunk + 1`` states from the
 saved chunk start (kept in registers: ``chunk`` is small), then runs the adjoint
 ``lam_t = dy_t C_t + exp(dt_{t+1} A) lam_{t+1}`` backwards through them (the algebra of
@@ -77,6 +78,20 @@ class PallasConfig:
     bwd_num_warps: warps per backward program.
     bwd_recompute_decay: recompute exp(dt A) in the backward's reverse sweep instead of keeping
       the chunk's values in registers (more exponentials, fewer registers).
+    bwd_fast_math: the backward kernel's exp2, softplus and sigmoid as single PTX approximations
+      (``_approx``), as the forward kernels use them; off: libdevice's.
+    gate_in_kernel: apply the z gate ``y · silu(z)`` (and its gradients) inside the kernels;
+      off (the default): the kernels scan without z and XLA applies the gate to their output,
+      in float32, rounded once to y's dtype, and differentiates it. The kernels then lose the z
+      loads, the sigmoid and, in the backward, the per-step contraction for dz, while XLA moves
+      y, z and their gradients once more. Offline sm_90 SASS per 8-step chunk of the backward
+      at (8, 1568, 768, 16) bf16: 2376 instructions (gate inside, libdevice), 1800 (gate
+      inside, fast math), 1512 (both defaults); the forward 776 -> 712. Timed on an H100, bf16
+      forward+backward ms, in one run, gate inside + libdevice / fast math only / gate outside
+      only / both: (8, 1568, 768, 16) 1.216 / 1.265 / 0.997 / 0.976; (32, 197, 768, 16) 0.542
+      / 0.605 / 0.460 / 0.441; (4, 8192, 1536, 16) 6.685 / 6.501 / 5.279 / 4.974;
+      (4, 13571, 384, 16) 2.602 / 2.246 / 2.206 / 1.915. Fast math alone does not pay; with the
+      gate outside it does (registers per thread 240 -> 168 at the first shape).
     prefetch: the forward issues the loads of the next chunk before the arithmetic of the
       current one (held in registers across the chunk loop), to hide their latency.
     num_stages: Triton software-pipelining depth.
@@ -113,8 +128,8 @@ class PallasConfig:
   bwd_block_d: int = 8
   bwd_num_warps: int = 1
   bwd_recompute_decay: bool = True
-  bwd_fast_math: bool = False
-  gate_in_kernel: bool = True
+  bwd_fast_math: bool = True
+  gate_in_kernel: bool = False
   prefetch: bool = True
   num_stages: int = 1
   atomic_dbc: bool = False
@@ -463,9 +478,7 @@ def _backward_kernel(*refs, spec: _Spec, prefilled=()):
   r = _unpack(refs, in_names + list(prefilled) + out_names)
   acc = r["dh0"].dtype
   T, bd = spec.chunk, spec.bwd_block_d
-  # The backward keeps libdevice's exp2 / sigmoid: on an H100, both versions timed in one run,
-  # the approximations took the forward + backward from 1.38 to 1.41 ms at (8, 1568, 768, 16)
-  # bf16 and 0.66 to 0.72 ms at (32, 197, 768, 16), while they sped up every other kernel.
+  # PTX approximations or libdevice: PallasConfig.bwd_fast_math (measured there).
   rows = _Rows(r, spec, acc, bd, fast=spec.bwd_fast_math)
   A = r["A"][rows.chans, :].astype(acc)
   A2 = A * _LOG2E
