@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from vidssm_jax.ops.selective_scan import call_backend
+from vidssm_jax.ops.selective_scan import call_backend, skip_and_gate
 
 Array = jax.Array
 
@@ -84,9 +84,8 @@ class PallasConfig:
       off (the default): the kernels scan without z and XLA applies the gate to their output
       (in u's dtype) in float32, rounds the product to u's dtype and differentiates it (in
       bfloat16 that rounds y twice and the gate's cotangent once, where the fused gate rounded
-      y once). The kernels then lose the z
-      loads, the sigmoid and, in the backward, the per-step contraction for dz, while XLA moves
-      y, z and their gradients once more. Offline sm_90 SASS per 8-step chunk of the backward
+      y once). The kernels then lose the z loads, the sigmoid and, in the backward, the
+      per-step contraction for dz, while XLA moves y, z and their gradients once more. Offline sm_90 SASS per 8-step chunk of the backward
       at (8, 1568, 768, 16) bf16: 2376 instructions (gate inside, libdevice), 1800 (gate
       inside, fast math), 1512 (both defaults); the forward 776 -> 712. Timed on an H100, bf16
       forward+backward ms, in one run, gate inside + libdevice / fast math only / gate outside
@@ -817,16 +816,10 @@ def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, r
     scan = functools.partial(_segmented_scan, config, segments)
   y, h_last = scan(u, delta, A, B, C, D, z, delta_bias, h0, softplus=bool(delta_softplus),
                    reverse=bool(reverse))
-  if gate is not None:
-    y = _silu_gate(y, gate)
+  if gate is not None:  # y · silu(z) in at least float32, rounded to y's dtype
+    acc = jnp.promote_types(y.dtype, jnp.float32)
+    y = skip_and_gate(y.astype(acc), u, None, gate).astype(y.dtype)
   return y, h_last[..., :n]
-
-
-def _silu_gate(y, z):
-  """``y · silu(z)`` computed in at least float32 and rounded to ``y``'s dtype."""
-  acc = jnp.promote_types(y.dtype, jnp.float32)
-  z = z.astype(acc)
-  return (y.astype(acc) * (z * jax.nn.sigmoid(z))).astype(y.dtype)
 
 
 def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, reverse,
