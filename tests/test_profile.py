@@ -29,3 +29,11 @@ def test_profile_of_a_real_step_attributes_its_ops():
   assert attributed > 0.5 * sum(ms for _, _, ms, _ in rows)
   assert totals["pass"]["fwd"] > 0 and totals["pass"]["bwd"] > 0
   assert any(w.endswith("dot_general") and ph == "bwd" for ph, w, _, _ in rows)
+
+
+def test_profile_of_a_live_frame_counts_every_op_as_the_frame():
+  rows, totals, wall_ms = profile.run_profile("", "none", small=True, steps=2, trace_dir=None,
+                                              scan_backend="auto", stream_batch=1)
+  assert wall_ms > 0 and rows
+  assert set(totals["pass"]) <= {"frame", "?"} and totals["pass"]["frame"] > 0
+  assert any("temporal_blocks" in w and w.endswith("dot_general") for _, w, _, _ in rows)

@@ -2,6 +2,11 @@
 
     python -m vidssm_jax.bench.profile --model evim3_p4            # GPU: the train_step shapes
     python -m vidssm_jax.bench.profile --model evim3_p4 --small    # CPU smoke run, tiny model
+    python -m vidssm_jax.bench.profile --stream                    # EndoMamba-S live frame, b=1
+
+With ``--stream`` the traced program is one live frame of EndoMamba-S (``step`` at batch
+``--batch``, 224², bf16, continuing from the state of the frames before, as ``bench.vs_release``
+times it); its ops all count under the pass ``frame``.
 
 The step is ``bench.train_step``'s (same shapes, dtype and remat policy). It is compiled, run
 twice to warm up, then ``--steps`` times under ``jax.profiler.trace``. Every device op of the
@@ -51,10 +56,11 @@ def op_names(hlo_text: str) -> dict:
   return out
 
 
-def place(op_name: str) -> tuple[str, str]:
+def place(op_name: str, rest: str = "opt") -> tuple[str, str]:
   """``(pass, where)`` of an op_name such as
-  ``jit(step)/transpose(jvp(EViM3.pretrain_loss))/.../blocks/layers_4/.../in_proj/dot_general``."""
-  phase = "opt"
+  ``jit(step)/transpose(jvp(EViM3.pretrain_loss))/.../blocks/layers_4/.../in_proj/dot_general``;
+  ``rest`` names the pass of an op outside any jvp/transpose."""
+  phase = rest
   for marker, name in _PASSES:
     if marker in op_name:
       phase = name
@@ -101,16 +107,16 @@ def _device_events(xplane_path: str):
         yield hlo_op, kernel, ns
 
 
-def profile_table(events, names: dict, steps: int):
+def profile_table(events, names: dict, steps: int, rest: str = "opt"):
   """``(rows, totals)``: rows ``(pass, where, ms per step, kernels per step)`` largest first,
-  totals ``{"pass": {...}, "primitive": {...}}`` in ms per step."""
+  totals ``{"pass": {...}, "primitive": {...}}`` in ms per step; ``rest`` as ``place``'s."""
   time_ns = collections.Counter()
   count = collections.Counter()
   for hlo_op, kernel, ns in events:
     # GPU kernels may carry no instruction name; XLA names a fusion's kernel after it, "_"
     # for "." ("loop_add_fusion_16" is %loop_add_fusion.16).
     name = names.get(hlo_op) or names.get(kernel) or names.get(re.sub(r"_(\d+)$", r".\1", kernel))
-    key = place(name) if name is not None else ("?", f"(kernel) {kernel[:60]}")
+    key = place(name, rest) if name is not None else ("?", f"(kernel) {kernel[:60]}")
     time_ns[key] += ns
     count[key] += 1
   rows = [(ph, where, ns / steps / 1e6, count[(ph, where)] / steps)
@@ -124,7 +130,8 @@ def profile_table(events, names: dict, steps: int):
 
 def print_table(rows, totals, wall_ms: float, top: int) -> None:
   total = sum(r[2] for r in rows)
-  print(f"step wall {wall_ms:.2f} ms; summed device ops {total:.2f} ms "
+  kernels = sum(r[3] for r in rows)
+  print(f"step wall {wall_ms:.2f} ms; summed device ops {total:.2f} ms in {kernels:.0f} ops "
         f"(device busy {100 * total / wall_ms:.0f}%)", flush=True)
   print(f"{'pass':<4} {'ms/step':>8} {'share':>6} {'ops/step':>8}  where")
   for ph, where, ms, n in rows[:top]:
@@ -138,16 +145,47 @@ def print_table(rows, totals, wall_ms: float, top: int) -> None:
       print(f"  {key:<28} {ms:8.3f} ms {100 * ms / total:5.1f}%")
 
 
+def build_stream(batch: int, small: bool, dtype, scan_backend: str, history: int = 4) -> dict:
+  """One live frame of EndoMamba-S as ``bench.vs_release`` times it: ``run(frame)`` continues
+  the stream from the state the previous call returned (``history`` frames already seen); also
+  the ``frame`` and the ``compiled`` step. ``small``: a tiny model (CPU)."""
+  import jax
+
+  from vidssm_jax.bench.stream import _frames
+  from vidssm_jax.bench.stream import _init as init_variables
+  from vidssm_jax.models import create_model
+
+  kw = dict(img_size=32, dim=32, depth=4) if small else {}
+  model = create_model("endomamba_small", dtype=dtype, scan_backend=scan_backend, **kw)
+  variables = init_variables(model, model.img_size)
+  frame = _frames(jax.random.key(2), batch, 1, model.img_size)[:, 0]
+  state = [model.init_state(batch)]
+  compiled = jax.jit(lambda v, x, s: model.apply(v, x, s, method="step")).lower(
+      variables, frame, state[0]).compile()
+
+  def run(frame):
+    out, state[0] = compiled(variables, frame, state[0])
+    return out
+
+  for _ in range(history):
+    jax.block_until_ready(run(frame))
+  return dict(run=run, video=frame, compiled=compiled)
+
+
 def run_profile(model: str, remat: str, small: bool, steps: int, trace_dir: str | None,
-                scan_backend: str):
-  """Build, warm up and trace ``steps`` steps; returns ``(rows, totals, wall ms per step)``."""
+                scan_backend: str, stream_batch: int = 0):
+  """Build, warm up and trace ``steps`` steps (or, with ``stream_batch``, live frames of that
+  many streams); returns ``(rows, totals, wall ms per step)``."""
   import jax
   import jax.numpy as jnp
 
   from vidssm_jax.bench import train_step
 
   dtype = jnp.float32 if small else jnp.bfloat16
-  s = train_step.build_step(model, remat, small, dtype, scan_backend)
+  if stream_batch:
+    s = build_stream(stream_batch, small, dtype, scan_backend)
+  else:
+    s = train_step.build_step(model, remat, small, dtype, scan_backend)
   run, video = s["run"], s["video"]
   for _ in range(2):
     jax.block_until_ready(run(video))
@@ -161,7 +199,8 @@ def run_profile(model: str, remat: str, small: bool, steps: int, trace_dir: str 
   if not paths:
     raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
   names = op_names(s["compiled"].as_text())
-  rows, totals = profile_table(_device_events(paths[-1]), names, steps)
+  rows, totals = profile_table(_device_events(paths[-1]), names, steps,
+                               rest="frame" if stream_batch else "opt")
   return rows, totals, wall_ms
 
 
@@ -171,6 +210,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="evim3_p4", help=f"one of {MODELS}")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  parser.add_argument("--stream", action="store_true",
+                      help="profile one live EndoMamba-S frame instead of a training step")
+  parser.add_argument("--batch", type=int, default=1, help="streams per frame with --stream")
   parser.add_argument("--small", action="store_true", help="tiny model and clip (CPU)")
   parser.add_argument("--steps", type=int, default=3, help="traced steps (after 2 warm-up steps)")
   parser.add_argument("--top", type=int, default=40, help="rows of the per-op table")
@@ -183,15 +225,20 @@ def main(argv=None):
     parser.error(f"unknown model {args.model!r}; choose from {MODELS}")
   if args.steps < 1:
     parser.error(f"--steps must be at least 1, got {args.steps}")
+  if args.batch < 1:
+    parser.error(f"--batch must be at least 1, got {args.batch}")
   if args.no_command_buffers:  # XLA reads its flags when the first backend starts, below
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_gpu_enable_command_buffer=").strip()
   import jax
 
-  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; model {args.model}; "
-        f"remat {args.remat}; {args.steps} traced steps", flush=True)
+  what = (f"EndoMamba-S live frame, {args.batch} stream(s)" if args.stream
+          else f"model {args.model}; remat {args.remat}")
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {what}; {args.steps} "
+        "traced steps", flush=True)
   rows, totals, wall_ms = run_profile(args.model, args.remat, args.small, args.steps,
-                                      args.trace_dir, args.scan_backend)
+                                      args.trace_dir, args.scan_backend,
+                                      stream_batch=args.batch if args.stream else 0)
   print_table(rows, totals, wall_ms, args.top)
 
 
