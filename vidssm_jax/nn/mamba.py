@@ -356,13 +356,30 @@ class BiMambaMixer(_MixerBase):
     both = lambda v: jnp.concatenate([v, jnp.flip(v, 1)], axis=-1)  # (b, l, 2D)
     cat = lambda name, axis=0: jnp.concatenate([getattr(s, name) for s in branches], axis=axis)
     xc = causal_conv1d(both(x), cat("conv_weight", 1), cat("conv_bias"), "silu")
-    ins = [s._ssm_inputs(xc[..., i * d:(i + 1) * d]) for i, s in enumerate(branches)]
-    dt = jnp.concatenate([v[0] for v in ins], axis=-1)  # (b, l, 2D)
-    B, C = (jnp.stack([v[k] for v in ins], axis=2) for k in (1, 2))  # (b, l, 2, N)
+    if self.is_initializing():  # the branches' own projections create their parameters
+      ins = [s._ssm_inputs(xc[..., i * d:(i + 1) * d]) for i, s in enumerate(branches)]
+      dt = jnp.concatenate([v[0] for v in ins], axis=-1)  # (b, l, 2D)
+      B, C = (jnp.stack([v[k] for v in ins], axis=2) for k in (1, 2))  # (b, l, 2, N)
+    else:
+      dt, B, C = self._both_ssm_inputs(xc.reshape(b, l, 2, d))
     y, _ = sharded_selective_scan(
         xc, dt, -jnp.exp(cat("A_log")), B, C, cat("D"), both(z), cat("dt_bias"),
         backend=self.ssm.scan_backend(), chunk_size=self.cfg.chunk_size)
     return y[..., :d] + jnp.flip(y[..., d:], 1)
+
+  def _both_ssm_inputs(self, xc: Array):
+    """``xc (b, l, 2, D)`` (the two branches' conv outputs) -> ``dt (b, l, 2D)``, ``B, C (b, l,
+    2, N)``: each branch's ``_ssm_inputs`` as one batched x_proj and one batched dt_proj over
+    the branch axis (two GEMMs instead of four, and no concatenation of their outputs)."""
+    branches, dtype = (self.ssm, self.ssm_b), self.cfg.dtype
+    r, n = branches[0].dt_rank, self.cfg.d_state
+    w_x = jnp.stack([nn.meta.unbox(s.x_proj.variables["params"]["kernel"])
+                     for s in branches]).astype(dtype)  # (2, D, r + 2N)
+    w_dt = jnp.stack([s.dt_proj_kernel for s in branches]).astype(dtype)  # (2, r, D)
+    x_dbl = jnp.einsum("blkd,kde->blke", xc.astype(dtype), w_x)  # (b, l, 2, r + 2N)
+    dt = jnp.einsum("blkr,krd->blkd", x_dbl[..., :r], w_dt)
+    b, l = xc.shape[:2]
+    return dt.reshape(b, l, -1), x_dbl[..., r:r + n], x_dbl[..., r + n:]
 
 
 class MambaBlock(nn.Module):
