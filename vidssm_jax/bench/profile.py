@@ -145,10 +145,10 @@ def print_table(rows, totals, wall_ms: float, top: int) -> None:
       print(f"  {key:<28} {ms:8.3f} ms {100 * ms / total:5.1f}%")
 
 
-def build_stream(batch: int, small: bool, dtype, scan_backend: str, history: int = 4) -> dict:
+def build_stream(batch: int, small: bool, dtype, scan_backend: str) -> dict:
   """One live frame of EndoMamba-S as ``bench.vs_release`` times it: ``run(frame)`` continues
-  the stream from the state the previous call returned (``history`` frames already seen); also
-  the ``frame`` and the ``compiled`` step. ``small``: a tiny model (CPU)."""
+  the stream from the state the previous call returned (the warm-up calls are its history);
+  also the ``frame`` and the ``compiled`` step. ``small``: a tiny model (CPU)."""
   import jax
 
   from vidssm_jax.bench.stream import _frames
@@ -167,8 +167,6 @@ def build_stream(batch: int, small: bool, dtype, scan_backend: str, history: int
     out, state[0] = compiled(variables, frame, state[0])
     return out
 
-  for _ in range(history):
-    jax.block_until_ready(run(frame))
   return dict(run=run, video=frame, compiled=compiled)
 
 

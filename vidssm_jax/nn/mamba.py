@@ -356,12 +356,10 @@ class BiMambaMixer(_MixerBase):
     both = lambda v: jnp.concatenate([v, jnp.flip(v, 1)], axis=-1)  # (b, l, 2D)
     cat = lambda name, axis=0: jnp.concatenate([getattr(s, name) for s in branches], axis=axis)
     xc = causal_conv1d(both(x), cat("conv_weight", 1), cat("conv_bias"), "silu")
-    if self.is_initializing():  # the branches' own projections create their parameters
-      ins = [s._ssm_inputs(xc[..., i * d:(i + 1) * d]) for i, s in enumerate(branches)]
-      dt = jnp.concatenate([v[0] for v in ins], axis=-1)  # (b, l, 2D)
-      B, C = (jnp.stack([v[k] for v in ins], axis=2) for k in (1, 2))  # (b, l, 2, N)
-    else:
-      dt, B, C = self._both_ssm_inputs(xc.reshape(b, l, 2, d))
+    if self.is_initializing():  # nn.Dense creates its kernel on its first call
+      for s in branches:
+        s.x_proj(xc[..., :d])
+    dt, B, C = self._both_ssm_inputs(xc.reshape(b, l, 2, d))
     y, _ = sharded_selective_scan(
         xc, dt, -jnp.exp(cat("A_log")), B, C, cat("D"), both(z), cat("dt_bias"),
         backend=self.ssm.scan_backend(), chunk_size=self.cfg.chunk_size)
