@@ -100,9 +100,12 @@ def _device_events(xplane_path: str):
         if "hlo_op" in stats or plane.name.startswith("/device:"):
           ops.append((ev.start_ns, ev.duration_ns, str(stats.get("hlo_op", "")), ev.name))
       ops.sort()
+      on_host = not plane.name.startswith("/device:")
       for i, (start, ns, hlo_op, kernel) in enumerate(ops):
-        # On CPU a loop's thunk encloses its body's: count only the innermost ops.
-        if i + 1 < len(ops) and ops[i + 1][0] < start + ns:
+        # On CPU a loop's thunk encloses its body's: count only the innermost ops. A GPU stream's
+        # kernels do not nest, but on Hopper one launched with programmatic dependent launch may
+        # start before its predecessor ends: every one counts.
+        if on_host and i + 1 < len(ops) and ops[i + 1][0] < start + ns:
           continue
         yield hlo_op, kernel, ns
 

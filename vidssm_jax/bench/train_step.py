@@ -10,6 +10,8 @@ Rows (one full AdamW step: forward, backward, update, jitted, the mask drawn ins
   encoder, transformer decoder, plus the frozen ViT-S teacher's forward for L_align;
 - ``endomamba_s``: the same without the teacher;
 - ``evim3_p4``: E-ViM³-p4, 4×64×112² grey, STC mask 0.8, visible-token encoder and decoder;
+- ``evim3_p4+ef``: E-ViM³-p4 fine-tuning: every token through the encoder, the EF head, a squared
+  error against a fixed random EF per clip (``bench.vs_release``'s fine-tuning row, ours);
 - ``evim3_p8``: E-ViM³-p8 at 8×16×224² RGB;
 - ``vit_s``: the video ViT-S on the full 8×16×224² clip (a regression loss on its features).
 
@@ -38,7 +40,7 @@ from vidssm_jax.train.experiment import STEP_COMPILER_OPTIONS
 from vidssm_jax.train.sharding import fast_init_rng
 from vidssm_jax.train.state import count_params
 
-MODELS = ("endomamba_s+teacher", "endomamba_s", "evim3_p4", "evim3_p8", "vit_s")
+MODELS = ("endomamba_s+teacher", "endomamba_s", "evim3_p4", "evim3_p4+ef", "evim3_p8", "vit_s")
 
 
 def _shapes(small: bool) -> dict:
@@ -62,7 +64,12 @@ def _shapes(small: bool) -> dict:
 
 
 def _loss_fn(name: str, model, teacher, b: int):
-  """``loss(params, teacher_params, video, rng)`` and ``draw(rng)``, the pretraining mask."""
+  """``loss(params, teacher_params, video, rng)`` and ``draw(rng)``, the pretraining mask (None
+  for the ViT and fine-tuning, which see every token)."""
+  if name.endswith("+ef"):  # EF regression: a fixed target per clip, 10-80 (%)
+    target = jax.random.uniform(jax.random.key(4), (b, 1), jnp.float32, 10.0, 80.0)
+    return lambda p, tp, v, r: jnp.mean(jnp.square(model.apply(
+        {"params": p}, v, train=True, rngs={"dropout": r}).astype(jnp.float32) - target)), None
   if name.startswith("vit"):
     return lambda p, tp, v, r: jnp.mean(jnp.square(
         model.apply({"params": p}, v).astype(jnp.float32))), None
@@ -120,7 +127,7 @@ def build_step(label: str, remat: str, small: bool, dtype, scan_backend: str) ->
     teacher = create_model(vit_name, dtype=dtype, **vit_kw)
     teacher_params, _ = _init(teacher, video)
   loss, draw = _loss_fn(label, model, teacher, b)
-  if base.startswith("vit"):
+  if draw is None:
     params, init_s = _init(model, video)
   else:
     mask = draw(jax.random.key(2))

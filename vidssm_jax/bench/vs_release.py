@@ -218,12 +218,8 @@ def ours(row: str, rec: dict, repeats: int, remat: str = "full") -> dict:
     loss, draw = _loss_fn(name, model, None, b)
     params, _ = _init(model, video, draw(jax.random.key(2)), method="pretrain_loss")
   else:
-    target = jax.random.uniform(jax.random.key(4), (b, 1), jnp.float32, 10.0, 80.0)
+    loss, _ = _loss_fn(name + "+ef", model, None, b)
     params, _ = _init(model, video)
-
-    def loss(p, tp, v, r):
-      pred = model.apply({"params": p}, v, train=True, rngs={"dropout": r})
-      return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
   tx = optax.chain(optax.clip_by_global_norm(rec["clip"]),
                    optax.adamw(rec["lr"], eps=rec["eps"], weight_decay=rec["weight_decay"]))
