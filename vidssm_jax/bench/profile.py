@@ -152,25 +152,17 @@ def build_stream(batch: int, small: bool, dtype, scan_backend: str) -> dict:
   """One live frame of EndoMamba-S as ``bench.vs_release`` times it: ``run(frame)`` continues
   the stream from the state the previous call returned (the warm-up calls are its history);
   also the ``frame`` and the ``compiled`` step. ``small``: a tiny model (CPU)."""
-  import jax
-
-  from vidssm_jax.bench.stream import _frames
   from vidssm_jax.bench.stream import _init as init_variables
+  from vidssm_jax.bench.stream import live_stream
   from vidssm_jax.models import create_model
 
   kw = dict(img_size=32, dim=32, depth=4) if small else {}
   model = create_model("endomamba_small", dtype=dtype, scan_backend=scan_backend, **kw)
   variables = init_variables(model, model.img_size)
-  frame = _frames(jax.random.key(2), batch, 1, model.img_size)[:, 0]
-  state = [model.init_state(batch)]
-  compiled = jax.jit(lambda v, x, s: model.apply(v, x, s, method="step")).lower(
-      variables, frame, state[0]).compile()
-
-  def run(frame):
-    out, state[0] = compiled(variables, frame, state[0])
-    return out
-
-  return dict(run=run, video=frame, compiled=compiled)
+  advance, frame, step = live_stream(model, variables, batch)
+  # the same program again, for its instruction names (XLA names them deterministically)
+  compiled = step.lower(variables, frame, model.init_state(batch)).compile()
+  return dict(run=lambda frame: advance()[0], video=frame, compiled=compiled)
 
 
 def run_profile(model: str, remat: str, small: bool, steps: int, trace_dir: str | None,

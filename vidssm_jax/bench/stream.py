@@ -50,21 +50,31 @@ def _frames(key, batch, t, size):
   return jax.random.normal(key, (batch, t, size, size, 3), jnp.float32)
 
 
+def live_stream(model, variables, batch: int, state=None):
+  """``batch`` live streams as every benchmark times them: ``(advance, frame, step)``.
+
+  ``step`` is the jitted ``model.apply(..., method="step")``; ``advance()`` runs it on one fixed
+  random ``frame (batch, H, W, 3)`` continuing from the state the call before returned (``state``
+  first, else ``init_state``) and returns ``(features, state)``.
+  """
+  step = jax.jit(lambda v, x, s: model.apply(v, x, s, method="step"))
+  frame = _frames(jax.random.key(2), batch, 1, model.img_size)[:, 0]
+  box = {"state": model.init_state(batch) if state is None else state}
+
+  def advance():
+    out, box["state"] = step(variables, frame, box["state"])
+    return out, box["state"]
+
+  return advance, frame, step
+
+
 def bench_step(model, variables, memory: int, batch: int, *, repeats: int, warmup: int) -> float:
   """Seconds per ``step`` of ``batch`` streams with ``memory`` frames already seen."""
-  size = model.img_size
   chunk = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_chunk"))
-  step = jax.jit(lambda v, x, s: model.apply(v, x, s, method="step"))
-  _, state = chunk(variables, _frames(jax.random.key(1), batch, memory, size),
+  _, state = chunk(variables, _frames(jax.random.key(1), batch, memory, model.img_size),
                    model.init_state(batch))  # the state after `memory` frames
-  frame = _frames(jax.random.key(2), batch, 1, size)[:, 0]
-  box = {"state": state}
-
-  def one():  # a real stream: each step continues from the state the previous one returned
-    out, box["state"] = step(variables, frame, box["state"])
-    return out
-
-  return _median_seconds(one, repeats=repeats, warmup=warmup)
+  advance, _, _ = live_stream(model, variables, batch, state)
+  return _median_seconds(lambda: advance()[0], repeats=repeats, warmup=warmup)
 
 
 def bench_window(model, variables, memory: int, *, repeats: int, warmup: int) -> float:

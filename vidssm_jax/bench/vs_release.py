@@ -266,20 +266,12 @@ def ours_endomamba_stream(batch: int, history: int, frames: int, dtype=None,
   import jax.numpy as jnp
 
   from vidssm_jax.bench.scan import median_ms
-  from vidssm_jax.bench.stream import _frames
   from vidssm_jax.bench.stream import _init as init_variables
+  from vidssm_jax.bench.stream import live_stream
   from vidssm_jax.models import create_model
 
   model = create_model("endomamba_small", dtype=dtype or jnp.bfloat16, **overrides)
-  variables = init_variables(model, model.img_size)
-  step = jax.jit(lambda v, x, s: model.apply(v, x, s, method="step"))
-  frame = _frames(jax.random.key(2), batch, 1, model.img_size)[:, 0]
-  box = {"state": model.init_state(batch)}
-
-  def one():  # a real stream: each frame continues from the state the previous one returned
-    out, box["state"] = step(variables, frame, box["state"])
-    return out, box["state"]
-
+  one, _, _ = live_stream(model, init_variables(model, model.img_size), batch)
   start = time.perf_counter()
   jax.block_until_ready(one())
   compile_s = time.perf_counter() - start
