@@ -231,3 +231,14 @@ def test_sides_run_in_subprocesses_and_failures_land_in_the_table(tmp_path, caps
   assert vs_release.HEADER in out and vs_release.LEGEND in out
   saved = json.loads(results.read_text())
   assert saved["endomamba_s_pretrain"]["ours"]["error"].startswith("FileNotFoundError")
+
+
+def test_a_side_past_its_timeout_is_a_failed_row_not_a_crash(tmp_path, capsys):
+  (tmp_path / "videomamba" / "_mamba").mkdir(parents=True)
+  results = tmp_path / "results.json"
+  # our full-size stream row on CPU: it is still importing and building when the second ends
+  vs_release.main(["--rows", "endomamba_s_stream_T16", "--endomamba", str(tmp_path),
+                   "--sides", "ours", "--results", str(results), "--timeout", "1"])
+  assert "failed: timed out after 1 s" in capsys.readouterr().out
+  saved = json.loads(results.read_text())
+  assert saved["endomamba_s_stream_T16"]["ours"]["error"].startswith("timed out after 1 s")

@@ -637,7 +637,11 @@ def _run_side(args, row: str, side: str) -> dict:
          "--evim3", args.evim3, "--endomamba", args.endomamba, "--build", args.build,
          "--sdists", args.sdists, "--repeats", str(args.repeats), "--frames", str(args.frames),
          "--remat", args.remat]
-  proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
+  try:
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    return dict(error=f"timed out after {args.timeout} s (--timeout; a release's first run also "
+                      "builds its CUDA extensions under --build)")
   for line in proc.stdout.splitlines():
     if line.startswith(_MARK):
       out = json.loads(line[len(_MARK):])
