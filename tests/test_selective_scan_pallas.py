@@ -13,8 +13,9 @@ from test_selective_scan import CASES, GRAD_NAMES, make_inputs, numpy_selective_
 from vidssm_jax.bench.scan import numpy_scan_and_vjp
 from vidssm_jax.ops import selective_scan
 from vidssm_jax.ops.selective_scan import auto_backend, available_backends
-from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, forward_block, segments_for,
-                                                 selective_scan_pallas)
+from vidssm_jax.ops.selective_scan import native_length as backend_native_length
+from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, forward_block, native_length,
+                                                 segments_for, selective_scan_pallas)
 
 # Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
 # nothing for a test and cost most of the compile time.
@@ -137,6 +138,27 @@ def test_length_parallel_scan_matches_numpy_oracle(case, segments, poison):
   assert set(grads) == set(ref_grads)
   for name, grad in grads.items():
     assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
+
+
+@pytest.mark.parametrize("b,l,d", [(4, 33635, 384), (4, 13571, 384), (8, 5553, 384),
+                                   (1, 3136, 768), (8, 1568, 768), (1, 197, 1536), (2, 300, 32),
+                                   (1, 1030, 16), (3, 1, 8), (2, 1031, 4096)])
+def test_native_length_is_one_the_kernels_do_not_pad(b, l, d):
+  """At ``native_length`` the backend adds no padded steps: whole segments of whole chunks when
+  it splits, whole chunks from ``pad_min_length``, else the length as given."""
+  config = PallasConfig()
+  n = native_length(b, l, d)
+  assert l <= n < l + 256
+  assert native_length(b, n, d) == n  # already native
+  segments = segments_for(b, n, d, config)
+  if segments > 1:
+    assert n % (segments * config.chunk) == 0
+  elif n >= config.pad_min_length:
+    assert n % config.chunk == 0
+  else:
+    assert n == l
+  assert backend_native_length(b, l, d, "pallas") == n
+  assert backend_native_length(b, l, d, "reference") == l
 
 
 def test_automatic_segments_by_shape():

@@ -59,6 +59,14 @@ SCRIPT = textwrap.dedent('''
         assert err <= 1e-4, err
         assert inside > 0 and outside == 0, (inside, outside)
 
+    # The scan each device runs (what the fused kernels' native length is chosen for).
+    from vidssm_jax.nn.mamba import local_scan_shape
+    mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+    assert local_scan_shape(8, 64) == (8, 64)  # no mesh
+    assert under_mesh(lambda: local_scan_shape(8, 64), mesh)() == (2, 32)
+    # 2 rows over data × fsdp = 4 and 63 channels over 2: not split, as sharded_selective_scan
+    assert under_mesh(lambda: local_scan_shape(2, 63), mesh)() == (2, 63)
+
     # No enclosure (short sequences: the kernel runs in interpret mode); the sharding does not
     # depend on it.
     evim = create_model("evim3_tiny", img_size=16, num_frames=4, patch=4, tubelet=2, dim=16,

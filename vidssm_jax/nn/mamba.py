@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from vidssm_jax.nn.layers import drop_path, make_norm, partitioned
 from vidssm_jax.ops import causal_conv1d, causal_conv1d_step, selective_scan, selective_scan_step
-from vidssm_jax.ops.selective_scan import DEFAULT_CHUNK_SIZE, available_backends
+from vidssm_jax.ops.selective_scan import DEFAULT_CHUNK_SIZE, available_backends, native_length
 
 Array = jax.Array
 Dtype = Any
@@ -145,6 +145,16 @@ def sharded_selective_scan(u, delta, A, B, C, D, z, delta_bias, *, initial_state
                        check_vma=False)(u, delta, A, B, C, D, z, delta_bias, h0)
 
 
+def local_scan_shape(b: int, d: int) -> tuple[int, int]:
+  """``(rows, channels)`` of the scan each device runs under ``sharded_selective_scan`` now."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return b, d
+  shards = lambda size, axes: math.prod(mesh.shape[a]
+                                        for a in (_mesh_spec(mesh, size, axes) or ()))
+  return b // shards(b, BATCH_MESH_AXES), d // shards(d, (CHANNEL_MESH_AXIS,))
+
+
 def channels_sharded(d: int) -> bool:
   """Whether a scan over ``d`` channels traced now would be split over the channel mesh axis."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -197,6 +207,23 @@ class SSMBranch(nn.Module):
         x, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, initial_state=ssm_state,
         backend=self.scan_backend(), chunk_size=self.cfg.chunk_size)
     return y, (conv_state, ssm_state)
+
+  def scan_sequence(self, x: Array, z: Array) -> Array:
+    """``__call__`` from the zero state, ``y`` only. The sequence runs at the scan backend's
+    native length (``ops.selective_scan.native_length``: whole chunks and segments for the fused
+    kernels), padded at its end before the conv, and the extra steps' outputs are dropped: the
+    pad then fuses into the ops that make the scan's inputs, where the kernels would otherwise
+    pad a copy of each input (and of the cotangent) per call. Exact: the padded steps come after
+    every real one, so they change no real output, and their outputs' zero cotangents add
+    nothing to any gradient."""
+    b, l, d = x.shape
+    rows, channels = local_scan_shape(b, d)
+    length = native_length(rows, l, channels, self.scan_backend())
+    if length != l:
+      pad = lambda v: jnp.pad(v, ((0, 0), (0, length - l), (0, 0)))
+      x, z = pad(x), pad(z)
+    y, _ = self(x, z)
+    return y[:, :l]
 
   def scan_backend(self) -> str:
     # Initialisation only needs shapes: it never lowers a fused kernel (the parameters do not
@@ -267,8 +294,7 @@ class MambaMixer(_MixerBase):
   def __call__(self, x: Array) -> Array:
     self._check(x, 3, "(batch, length, dim)")
     x_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
-    y, _ = self.ssm(x_in, z)
-    return self.out_proj(y)
+    return self.out_proj(self.ssm.scan_sequence(x_in, z))
 
   def init_cache(self, batch_size: int) -> dict:
     return {
@@ -342,8 +368,8 @@ class BiMambaMixer(_MixerBase):
     if fuse and not channels_sharded(2 * self.d_inner):
       y = self._both_directions(x_in, z)
     else:
-      y_f, _ = self.ssm(x_in, z)
-      y_b, _ = self.ssm_b(jnp.flip(x_in, 1), jnp.flip(z, 1))
+      y_f = self.ssm.scan_sequence(x_in, z)
+      y_b = self.ssm_b.scan_sequence(jnp.flip(x_in, 1), jnp.flip(z, 1))
       y = y_f + jnp.flip(y_b, 1)
     if self.divide_out:
       y = y / 2

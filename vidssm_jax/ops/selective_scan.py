@@ -43,6 +43,13 @@ or ``None``, ``h0`` ``(b, d, n)`` in the state dtype. It returns ``y`` in ``u``'
 last state in the state dtype. Fused kernels do the discretisation, D skip and z gate inside and
 walk the length backwards for ``reverse``; the XLA backends share :func:`scan_backend`, one small
 adapter that discretises and flips before a forward-only scan and adds D and the gate after.
+
+A backend may also say at which length it runs without copying its inputs
+(:func:`native_length`): the fused kernels work on whole chunks and whole segments and pad any
+other length, a copy of every input (and of the cotangent) per call. A caller that makes the
+inputs itself and wants only the outputs of a scan from the zero state can make them at that
+length, with anything after the last real step, and drop the extra outputs: steps after the
+last real one change neither the real outputs nor, with zero cotangents there, the gradients.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ class Backend:
   fn: Callable
   priorities: dict[str, Optional[int]]
   is_available: Callable[[], bool] = lambda: True
+  native_length: Callable[[int, int, int], int] = lambda b, l, d: l
 
   @property
   def platforms(self) -> tuple[str, ...]:
@@ -106,18 +114,28 @@ def register_backend(
     platforms: Sequence[str] = ("cpu", "gpu", "tpu"),
     priority: Union[int, Mapping[str, Optional[int]]] = 0,
     is_available: Optional[Callable[[], bool]] = None,
+    native_length: Optional[Callable[[int, int, int], int]] = None,
 ) -> None:
   """Registers ``fn`` as ``selective_scan(..., backend=name)`` (see the module docstring).
 
   ``priority`` is one number for every platform in ``platforms``, or a mapping platform ->
   priority (its keys are then the platforms); a priority of ``None`` means "runs there, but only
-  when asked for by name", so ``"auto"`` never picks it on that platform.
+  when asked for by name", so ``"auto"`` never picks it on that platform. ``native_length(b, l,
+  d)``: the smallest length ``>= l`` the backend runs without padding (default ``l``).
   """
   if isinstance(priority, Mapping):
     priorities = dict(priority)
   else:
     priorities = {p: priority for p in platforms}
-  _BACKENDS[name] = Backend(name, fn, priorities, is_available or (lambda: True))
+  _BACKENDS[name] = Backend(name, fn, priorities, is_available or (lambda: True),
+                            native_length or (lambda b, l, d: l))
+
+
+def native_length(b: int, l: int, d: int, backend: str = "auto") -> int:
+  """The smallest length ``>= l`` at which ``backend`` scans ``(b, ·, d)`` inputs without padding
+  them (a copy of each): ``l`` for the XLA backends; whole chunks and segments for the fused
+  kernels. See the module docstring for when a caller may pad to it."""
+  return resolve_backend(backend).native_length(b, l, d)
 
 
 def available_backends(platform: Optional[str] = None) -> list[str]:
@@ -549,4 +567,6 @@ def _lazy_backend(module: str, attr: str) -> Callable:
 register_backend("reference", scan_backend(_scan_reference), priority=REFERENCE_PRIORITY)
 register_backend("associative", scan_backend(_scan_associative), priority=ASSOCIATIVE_PRIORITY)
 register_backend("pallas", _lazy_backend("vidssm_jax.ops.selective_scan_pallas", "pallas_backend"),
-                 priority={"gpu": PALLAS_GPU_PRIORITY, "cpu": None})
+                 priority={"gpu": PALLAS_GPU_PRIORITY, "cpu": None},
+                 native_length=_lazy_backend("vidssm_jax.ops.selective_scan_pallas",
+                                             "native_length"))

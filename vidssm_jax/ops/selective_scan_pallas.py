@@ -892,6 +892,32 @@ def segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
   return segments
 
 
+def _segment_length(l: int, segments: int, chunk: int) -> int:
+  """Steps per segment of an ``l``-step scan split in ``segments``: whole chunks."""
+  seg_len = -(-l // segments)
+  return seg_len + -seg_len % chunk
+
+
+def native_length(b: int, l: int, d: int, config: Optional[PallasConfig] = None) -> int:
+  """The smallest length ``>= l`` that ``pallas_backend`` scans without padding its inputs (the
+  backend registry's ``native_length``): whole segments of whole chunks when it splits the
+  length, whole chunks from ``pad_min_length`` steps, else ``l`` (its tail chunk is unrolled)."""
+  config = config or DEFAULT_CONFIG
+  length = l
+  for _ in range(4):  # a longer length may take more segments: settle on a fixed point
+    segments = segments_for(b, length, d, config)
+    if segments > 1:
+      new = segments * _segment_length(l, segments, config.chunk)
+    elif l >= config.pad_min_length:
+      new = l + -l % config.chunk
+    else:
+      new = l
+    if new == length:
+      break
+    length = new
+  return length
+
+
 def _segmented_scan(config, segments, u, delta, A, B, C, D, z, bias, h0, *, softplus, reverse):
   """The length-parallel scan (``PallasConfig.segments``): ``segments`` rows per batch row."""
   b, l, d = u.shape
@@ -900,8 +926,7 @@ def _segmented_scan(config, segments, u, delta, A, B, C, D, z, bias, h0, *, soft
   if bias is not None and not softplus:
     # dt = delta + bias: folded into delta, so that a padded delta of 0 is the identity step.
     delta, bias = delta.astype(acc) + bias.astype(acc), None
-  seg_len = -(-l // segments)
-  seg_len += -seg_len % config.chunk  # whole chunks: no unrolled tail in the kernels
+  seg_len = _segment_length(l, segments, config.chunk)  # whole chunks: no unrolled tail
   steps = segments * seg_len - l
   pad = functools.partial(_pad_length, steps, reverse)
   u, z, B, C = pad(u), pad(z), pad(B), pad(C)
@@ -1003,9 +1028,9 @@ def _identity_steps(l: int, config: PallasConfig, softplus: bool, delta_bias) ->
 
 def _pad_length(steps: int, reverse: bool, x, value=0.0):
   """``x (b, l, ...)`` padded with ``steps`` steps of ``value`` after the scan's last step (at
-  the end, or at the start when ``reverse``); None stays None."""
-  if x is None:
-    return None
+  the end, or at the start when ``reverse``); None stays None, and no steps no copy."""
+  if x is None or steps == 0:
+    return x
   where = (steps, 0) if reverse else (0, steps)
   return jnp.pad(x, [(0, 0), where] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
