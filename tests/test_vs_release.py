@@ -242,3 +242,12 @@ def test_a_side_past_its_timeout_is_a_failed_row_not_a_crash(tmp_path, capsys):
   assert "failed: timed out after 1 s" in capsys.readouterr().out
   saved = json.loads(results.read_text())
   assert saved["endomamba_s_stream_T16"]["ours"]["error"].startswith("timed out after 1 s")
+
+
+def test_peers_build_once_before_the_rows_and_a_failed_build_is_one_line(tmp_path, capsys):
+  args = vs_release._parser().parse_args(["--build", str(tmp_path / "build"),
+                                          "--sdists", str(tmp_path / "no_sdists")])
+  vs_release.build_peers(args, ["evim3_p4_pretrain"])
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("building the releases' CUDA extensions under")
+  assert out[1].startswith("building failed (") and out[1].endswith("the release rows will say why")
