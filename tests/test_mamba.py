@@ -106,12 +106,17 @@ def test_fused_directions_equal_the_two_branches(backend):
   variables = apart.init(jax.random.key(7), x)
   # Same parameter tree either way (checkpoints and converters do not see the fusion).
   assert jax.tree.structure(fused.init(jax.random.key(7), x)) == jax.tree.structure(variables)
-  assert rel_err(fused.apply(variables, x), apart.apply(variables, x)) <= 1e-6
+  assert_same_function(fused, apart, variables, x, out_tol=1e-6)
+
+
+def assert_same_function(got, want, variables, x, out_tol=1e-5, grad_tol=1e-5):
+  """Two modules give the same outputs and the same gradients (parameters and input)."""
+  assert rel_err(got.apply(variables, x), want.apply(variables, x)) <= out_tol
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-  g_fused = jax.grad(loss(fused), argnums=(0, 1))(variables, x)
-  g_apart = jax.grad(loss(apart), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_apart)):
-    assert rel_err(a, b) <= 1e-5
+  g_got = jax.grad(loss(got), argnums=(0, 1))(variables, x)
+  g_want = jax.grad(loss(want), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    assert rel_err(a, b) <= grad_tol
 
 
 @pytest.mark.parametrize("make", [lambda cfg: MambaMixer(dim=16, cfg=cfg),
@@ -123,13 +128,7 @@ def test_fused_kernels_run_at_their_native_length_exactly(make):
   x = jax.random.normal(jax.random.key(8), (2, 300, 16))
   assert native_length(2, 300, 32, "pallas") == 304
   pallas, reference = make(MambaConfig(scan_backend="pallas")), make(MambaConfig())
-  variables = reference.init(jax.random.key(9), x)
-  assert rel_err(pallas.apply(variables, x), reference.apply(variables, x)) <= 1e-5
-  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-  got = jax.grad(loss(pallas), argnums=(0, 1))(variables, x)
-  want = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert rel_err(a, b) <= 1e-5
+  assert_same_function(pallas, reference, reference.init(jax.random.key(9), x), x)
 
 
 def test_bfloat16_compute_is_close_to_float32(mixer_and_vars):
