@@ -2,12 +2,14 @@
 # One batched run of the GPU checks and benchmarks, for a single-GPU machine without network
 # (the lent H100 of our workplace), writing logs under $OUT (default ./out):
 #
-#   bash launch/gpu_wheels.sh --mamba-ssm          # once, on a machine with network
-#   bash launch/device_bench.sh check sweep scan stream evim3 train_step
+#   bash launch/gpu_wheels.sh --mamba-ssm --releases  # once, on a machine with network
+#   bash launch/device_bench.sh check sweep scan stream evim3 train_step vs_release profile
 #
 # Steps run in the order given; each logs to $OUT/<step>.log and a failure does not stop the
 # others. "scan" waits for the mamba_ssm build that starts in the background at the beginning
 # (when its source distribution was carried in .whl/src/), so its table has the CUDA peer column.
+# The build goes where bench.vs_release looks for it (build/peers/mamba), so "vs_release" then
+# builds only what is still missing (causal_conv1d, EndoMamba's forks) before its release rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -23,7 +25,7 @@ export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import jax, flax, triton, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'triton', triton.__version__, 'torch', torch.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.log"
 
-MAMBA_BUILD=/tmp/mamba_build
+MAMBA_BUILD=build/peers/mamba
 sdist=$(ls .whl/src/mamba_ssm-*.tar.gz 2>/dev/null | head -1)
 build_pid=""
 if [[ -n "$sdist" ]]; then
@@ -62,6 +64,14 @@ for step in "$@"; do
     stream) run stream python3 -m vidssm_jax.bench.stream --scan-backend $model_backend ;;
     evim3) run evim3 python3 -m vidssm_jax.bench.evim3 --scan-backend $model_backend ;;
     train_step) run train_step python3 -m vidssm_jax.bench.train_step --scan-backend $model_backend ;;
+    vs_release)
+      [[ -n "$build_pid" ]] && { wait "$build_pid"; echo "mamba_ssm build rc=$?"; }
+      run vs_release python3 -m vidssm_jax.bench.vs_release --results "$OUT/vs_release.json" ;;
+    profile)
+      run profile python3 -m vidssm_jax.bench.profile --model evim3_p4+ef --remat full \
+        --no-command-buffers
+      run profile_stream python3 -m vidssm_jax.bench.profile --stream --steps 10 \
+        --no-command-buffers ;;
     mamba_wait)
       [[ -n "$build_pid" ]] && { wait "$build_pid"; echo "mamba_ssm build rc=$?"; }
       tail -n 5 "$OUT/mamba_build.log"
