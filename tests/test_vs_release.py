@@ -251,3 +251,12 @@ def test_peers_build_once_before_the_rows_and_a_failed_build_is_one_line(tmp_pat
   out = capsys.readouterr().out.splitlines()
   assert out[0].startswith("building the releases' CUDA extensions under")
   assert out[1].startswith("building failed (") and out[1].endswith("the release rows will say why")
+
+
+def test_build_only_builds_and_runs_no_row(tmp_path, capsys):
+  (tmp_path / "videomamba" / "_mamba").mkdir(parents=True)  # a checkout without the fork sources
+  vs_release.main(["--build-only", "--rows", "endomamba_s_pretrain", "--endomamba", str(tmp_path),
+                   "--build", str(tmp_path / "build")])
+  out = capsys.readouterr().out
+  assert out.startswith("building the releases' CUDA extensions under")
+  assert "building failed (" in out and vs_release.HEADER not in out

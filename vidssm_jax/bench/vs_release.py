@@ -704,6 +704,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="which sides to run now (ours first: the release may still be building)")
   p.add_argument("--results", help="a JSON file that keeps each side's rows between runs, "
                  "so the sides can run in separate calls and still print one table")
+  p.add_argument("--build-only", action="store_true",
+                 help="build the releases' CUDA extensions for --rows under --build and stop "
+                      "(minutes; on a machine with a per-command limit, run this first)")
   p.add_argument("--child", choices=("ours", "release"), help=argparse.SUPPRESS)
   p.add_argument("--row", help=argparse.SUPPRESS)
   return p
@@ -747,6 +750,9 @@ def main(argv=None):
     _child(args)
     return
   rows, sides = _check_args(parser, args)
+  if args.build_only:
+    build_peers(args, rows)
+    return
   results = {}
   if args.results and os.path.exists(args.results):
     with open(args.results) as f:
