@@ -908,10 +908,8 @@ def native_length(b: int, l: int, d: int, config: Optional[PallasConfig] = None)
     segments = segments_for(b, length, d, config)
     if segments > 1:
       new = segments * _segment_length(l, segments, config.chunk)
-    elif l >= config.pad_min_length:
-      new = l + -l % config.chunk
-    else:
-      new = l
+    else:  # the whole scan's identity-step padding (a softplus scan; the models' case)
+      new = l + _identity_steps(l, config, softplus=True, delta_bias=None)
     if new == length:
       break
     length = new
