@@ -14,8 +14,9 @@ from vidssm_jax.bench.scan import numpy_scan_and_vjp
 from vidssm_jax.ops import selective_scan
 from vidssm_jax.ops.selective_scan import auto_backend, available_backends
 from vidssm_jax.ops.selective_scan import native_length as backend_native_length
-from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, forward_block, native_length,
-                                                 segments_for, selective_scan_pallas)
+from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, backward_segments_for,
+                                                 forward_block, native_length, segments_for,
+                                                 selective_scan_pallas)
 
 # Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
 # nothing for a test and cost most of the compile time.
@@ -138,6 +139,44 @@ def test_length_parallel_scan_matches_numpy_oracle(case, segments, poison):
   assert set(grads) == set(ref_grads)
   for name, grad in grads.items():
     assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
+
+
+@pytest.mark.parametrize("case,bwd_segments,poison", [
+    pytest.param(CASES[7], 5, False, id=_case_id(CASES[7]) + "-b5"),
+    pytest.param(CASES[6], 2, True, id=_case_id(CASES[6]) + "-b2-poisoned")])
+def test_backward_only_split_matches_numpy_oracle(case, bwd_segments, poison):
+  # The unsplit forward, its backward run on segments of the length (PallasConfig.bwd_segments):
+  # forward and reverse, groups, initial state, the gate and skip; every gradient, through the
+  # adjoint carried between the segments and the forward's chunk states taken per segment.
+  l, g, grouped, reverse, h0, extras = case
+  x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
+  x = {k: jnp.asarray(v, np.float32) for k, v in x.items()}
+  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, segments=1,
+                        bwd_segments=bwd_segments, poison_outputs=poison)
+  assert backward_segments_for(2, l, 6, config) == bwd_segments  # the split does run
+  y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config, ct_seed=l)
+  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
+                                      delta_softplus=True, reverse=reverse,
+                                      h0=ref.get("initial_state"))
+  assert rel_err(y, ref_y) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
+  ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=reverse)
+  assert set(grads) == set(ref_grads)
+  for name, grad in grads.items():
+    assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
+
+
+def test_automatic_backward_segments_by_shape():
+  config = PallasConfig()
+  # Long rows whose programs fill the GPU forward: the backward alone splits.
+  assert backward_segments_for(4, 8192, 1536, config) == 4
+  assert backward_segments_for(8, 1568, 768, config) == 4  # 768 programs to 3072
+  assert backward_segments_for(8, 784, 768, config) == 2  # segments keep >= 384 steps
+  assert backward_segments_for(32, 197, 768, config) == 1
+  assert backward_segments_for(1, 197, 768, config) == 1
+  assert backward_segments_for(4, 8196, 1536, config) == 1  # no whole chunks per segment
+  assert backward_segments_for(4, 8192, 1536, PallasConfig(bwd_segments=1)) == 1
+  assert backward_segments_for(2, 1000, 6, PallasConfig(chunk=4, bwd_segments=4)) == 2
 
 
 @pytest.mark.parametrize("b,l,d", [(4, 33635, 384), (4, 13571, 384), (8, 5553, 384),
@@ -285,6 +324,7 @@ def test_registry_runs_pallas_on_cpu_only_when_asked():
     (dict(num_warps=0), r"PallasConfig.num_warps must be a positive int, got 0"),
     (dict(pad_min_length=-1), r"PallasConfig.pad_min_length must be an int >= 0, got -1"),
     (dict(segments=0), r"PallasConfig.segments must be None or an int >= 1, got 0"),
+    (dict(bwd_segments=0), r"PallasConfig.bwd_segments must be None or an int >= 1, got 0"),
 ])
 def test_config_rejects_bad_values(value, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -319,17 +359,22 @@ LOWERING_VARIANTS = {
     # gradient adds the light adjoints kernel and one backward kernel.
     "segments": dict(reverse=True, h0=True, config=PallasConfig(chunk=4, segments=2),
                      kernels=(2, 4)),
+    # The backward-only split: one forward kernel; the gradient adds the light adjoints kernel
+    # (with the segments' sums of dt) and one backward kernel.
+    "bwd-segments": dict(reverse=True, h0=True, l=48, kernels=(1, 3),
+                         config=PallasConfig(chunk=4, segments=1, bwd_segments=3)),
 }
 
 
 @pytest.mark.parametrize("variant", list(LOWERING_VARIANTS))
 def test_kernels_lower_for_cuda(variant):
   v = dict(dtype=jnp.float32, g=1, reverse=False, h0=False, extras=True, softplus=True, n=16,
-           config=PallasConfig(), kernels=(1, 2))
+           config=PallasConfig(), kernels=(1, 2), l=45)
   v.update(LOWERING_VARIANTS[variant])
-  # l = 45 gives full chunks and a tail; interpret=False asks for the GPU kernels.
+  # l = 45 gives full chunks and a tail (48: whole chunks, for the backward-only split);
+  # interpret=False asks for the GPU kernels.
   config = PallasConfig(**{**v["config"].__dict__, "interpret": False})
-  x = make_inputs(0, 2, 45, 64, v["n"], v["g"], extras=v["extras"], h0=v["h0"])
+  x = make_inputs(0, 2, v["l"], 64, v["n"], v["g"], extras=v["extras"], h0=v["h0"])
   x = {k: jnp.asarray(a, v["dtype"]) for k, a in x.items()}
   names = [k for k in GRAD_NAMES if k in x]
 

@@ -155,10 +155,11 @@ def floor_bytes(b, l, d, n, itemsize):
 
 
 def _pallas_config(name: str):
-  """The Pallas config behind a table column: the default, or ``pallas-s1``'s (segments=1)."""
+  """The Pallas config behind a table column: the default, or ``pallas-s1``'s (no length split,
+  forward or backward)."""
   from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG
-  return dataclasses.replace(DEFAULT_CONFIG, segments=1) if name == "pallas-s1" else \
-      DEFAULT_CONFIG
+  return dataclasses.replace(DEFAULT_CONFIG, segments=1, bwd_segments=1) \
+      if name == "pallas-s1" else DEFAULT_CONFIG
 
 
 def _scan_fn(backend: str, config=None, final_state: bool = False):
@@ -696,10 +697,15 @@ def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):
       print(f"  best {backend} {mode_name}: {ms:.3f} ms with {label}")
 
 
-def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP):
+def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP, backward_only: bool = False):
   """Times the Pallas backend at every ``PallasConfig.segments`` in ``values`` per shape; marks
-  the automatic choice (``segments_for``) and the fastest: the data behind ``_SPLIT_PROGRAMS``."""
-  from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG, segments_for
+  the automatic choice (``segments_for``) and the fastest: the data behind ``_SPLIT_PROGRAMS``.
+  ``backward_only``: the forward unsplit and ``PallasConfig.bwd_segments`` at each value
+  instead (forward + backward only; ``backward_segments_for``'s data)."""
+  from vidssm_jax.ops.selective_scan_pallas import (DEFAULT_CONFIG, backward_segments_for,
+                                                    segments_for)
+  field = "bwd_segments" if backward_only else "segments"
+  choose = backward_segments_for if backward_only else segments_for
   for dtype in dtypes:
     jobs, inputs = {}, {}
     for shape in shapes:
@@ -709,18 +715,20 @@ def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP):
       for value in values:
         if dims[1] // value < DEFAULT_CONFIG.chunk:
           continue
-        config = dataclasses.replace(DEFAULT_CONFIG, segments=value)
+        config = dataclasses.replace(DEFAULT_CONFIG, **{field: value},
+                                     **({"segments": 1} if backward_only else {}))
         fwd, fb, dy = _jitted_pair(_scan_fn("pallas", config), x)
-        jobs[(shape, value, "f")] = (fwd, (x,))
+        if not backward_only:
+          jobs[(shape, value, "f")] = (fwd, (x,))
         if not h0:
           jobs[(shape, value, "fb")] = (fb, (x, dy))
     start = time.perf_counter()
     compiled = _compile_all(jobs)
-    print(f"\nsegment sweep, {jnp.dtype(dtype).name}: {len(jobs)} programs compiled in "
+    print(f"\n{field} sweep, {jnp.dtype(dtype).name}: {len(jobs)} programs compiled in "
           f"{time.perf_counter() - start:.0f} s; ms (* automatic choice, < fastest)", flush=True)
     for shape in shapes:
       dims, _ = _split_shape(shape)
-      auto = segments_for(dims[0], dims[1], dims[2], DEFAULT_CONFIG)
+      auto = choose(dims[0], dims[1], dims[2], DEFAULT_CONFIG)
       row = {}
       for (s_, value, mode), fn in compiled.items():
         if s_ == shape:
@@ -845,6 +853,8 @@ def main(argv=None):
                       help="default: every backend here (the table leaves out 'reference' "
                            "on GPU, where it takes minutes at these shapes)")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer column")
+  parser.add_argument("--backward-only", action="store_true",
+                      help="--sweep-segments: split the backward alone (bwd_segments)")
   parser.add_argument("--segments", nargs="*", type=int, default=None,
                       help=f"--sweep-segments values (default {' '.join(map(str, SEGMENT_SWEEP))})")
   args = parser.parse_args(argv)
@@ -868,7 +878,8 @@ def main(argv=None):
     return 1 if run_check(backends, dtypes or ["float32", "bfloat16"]) else 0
   if args.sweep_segments:
     run_segment_sweep(parse(args.shapes) if args.shapes else GPU_SHAPES,
-                      dtypes or ["bfloat16"], tuple(args.segments or SEGMENT_SWEEP))
+                      dtypes or ["bfloat16"], tuple(args.segments or SEGMENT_SWEEP),
+                      backward_only=args.backward_only)
     return 0
   if args.sweep:
     backends = args.backends or [b for b in available_backends() if b in FUSED]

@@ -122,6 +122,14 @@ class PallasConfig:
       forces that many (1: no split). ``python -m vidssm_jax.bench.scan --sweep-segments``
       measures every value per shape.
     segment_min_length: the automatic choice keeps segments at least this long.
+    bwd_segments: the backward alone split in this many segments when the forward is not (its
+      programs fill the GPU, but the backward kernel's, with their longer serial chain per step,
+      do not). The unsplit forward already saves the state before every chunk, so the backward
+      kernel can start a segment anywhere: the light adjoints kernel sweeps every segment from a
+      zero adjoint (and sums its dt), the carry over the segments gives the adjoint leaving each
+      one, and the backward kernel runs on the segments as rows (``_split_backward``). Exact, as
+      the full split is. ``None`` (the default): chosen by shape (``backward_segments_for``);
+      an int forces that many where the length divides into them (1: no split).
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -139,6 +147,7 @@ class PallasConfig:
   pad_min_length: int = 1024
   segments: Optional[int] = None
   segment_min_length: int = 128
+  bwd_segments: Optional[int] = None
 
   def __post_init__(self):
     for name in ("block_d", "chunk", "bwd_block_d"):
@@ -147,9 +156,10 @@ class PallasConfig:
         continue
       if not isinstance(v, int) or v < 1 or v & (v - 1):
         raise ValueError(f"PallasConfig.{name} must be a power of two, got {v!r}")
-    if self.segments is not None and (not isinstance(self.segments, int) or self.segments < 1):
-      raise ValueError(f"PallasConfig.segments must be None or an int >= 1, got "
-                       f"{self.segments!r}")
+    for name in ("segments", "bwd_segments"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"PallasConfig.{name} must be None or an int >= 1, got {v!r}")
     if not isinstance(self.segment_min_length, int) or self.segment_min_length < 1:
       raise ValueError(f"PallasConfig.segment_min_length must be an int >= 1, got "
                        f"{self.segment_min_length!r}")
@@ -240,6 +250,7 @@ class _Spec:
   has_bias: bool
   softplus: bool
   reverse: bool
+  bwd_segments: int = 1  # the backward's own length split (``PallasConfig.bwd_segments``)
 
   @property
   def num_full(self) -> int:
@@ -691,12 +702,14 @@ def _states_kernel(*refs, spec: _Spec, prefilled=()):
   r["dt_sum"][rows.bi, rows.chans] = dt_sum
 
 
-def _adjoints_kernel(*refs, spec: _Spec, prefilled=()):
+def _adjoints_kernel(*refs, spec: _Spec, with_dt_sum: bool, prefilled=()):
   """Every row's adjoint sweep from a zero adjoint at its end, keeping only the adjoint of the
   state it starts from: ``mu = exp(dt_t A) (mu + dy_eff_t C_t)``, last step to first, with
-  ``dy_eff = dy · z sigmoid(z)`` (the z gate; the D skip does not reach the state)."""
+  ``dy_eff = dy · z sigmoid(z)`` (the z gate; the D skip does not reach the state); and with
+  ``with_dt_sum`` the row's ``sum dt`` (the backward-only split has no states kernel for it)."""
   r = _unpack(refs, ["delta", "A", "C", "dy", "z" if spec.has_z else None,
-                     "bias" if spec.has_bias else None, *prefilled, "mu"])
+                     "bias" if spec.has_bias else None, *prefilled, "mu",
+                     "dt_sum" if with_dt_sum else None])
   acc = r["mu"].dtype
   T, bd = spec.chunk, spec.fwd_block_d
   rows = _Rows(r, spec, acc, bd)
@@ -708,16 +721,22 @@ def _adjoints_kernel(*refs, spec: _Spec, prefilled=()):
     return [(rows.row("delta", t), rows.bc("C", t), rows.row("dy", t),
              rows.row("z", t) if spec.has_z else None) for t in times]
 
-  def body(k, mu, inputs):
+  def body(k, carry, inputs):
+    mu, dt_sum = carry
     for delta, C, dy, z in reversed(inputs):
       dt, _ = rows.dt(delta, bias)
       if z is not None:
         dy = dy * (z * _sigmoid(z, rows.fast))
       mu = _approx("ex2", dt[:, None] * A2, rows.fast) * (mu + dy[:, None] * C[None, :])
-    return mu
+      if with_dt_sum:
+        dt_sum = dt_sum + dt
+    return mu, dt_sum
 
-  mu = _prefetched_chunks(spec, load_chunk, body, jnp.zeros((bd, spec.n), acc), backwards=True)
+  zeros = (jnp.zeros((bd, spec.n), acc), jnp.zeros((bd,), acc))
+  mu, dt_sum = _prefetched_chunks(spec, load_chunk, body, zeros, backwards=True)
   r["mu"][rows.bi, rows.chans, :] = mu
+  if with_dt_sum:
+    r["dt_sum"][rows.bi, rows.chans] = dt_sum
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -730,12 +749,17 @@ def _segment_states(spec: _Spec, u, delta, A, B, bias):
   return _call(_states_kernel, spec, out_shape, inputs, name="selective_scan_states")
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _segment_adjoints(spec: _Spec, delta, A, C, dy, z, bias):
-  """The adjoint of every row's starting state under a zero adjoint at its end (b, d, n)."""
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("with_dt_sum",))
+def _segment_adjoints(spec: _Spec, delta, A, C, dy, z, bias, with_dt_sum: bool = False):
+  """The adjoint of every row's starting state under a zero adjoint at its end (b, d, n); with
+  ``with_dt_sum`` also the row's sum of dt (b, d)."""
   out_shape = [jax.ShapeDtypeStruct((spec.b, spec.d, spec.n), A.dtype)]
+  if with_dt_sum:
+    out_shape.append(jax.ShapeDtypeStruct((spec.b, spec.d), A.dtype))
   inputs = [x for x in (delta, A, C, dy, z, bias) if x is not None]
-  return _call(_adjoints_kernel, spec, out_shape, inputs, name="selective_scan_adjoints")[0]
+  kernel = functools.partial(_adjoints_kernel, with_dt_sum=with_dt_sum)
+  out = _call(kernel, spec, out_shape, inputs, name="selective_scan_adjoints")
+  return tuple(out) if with_dt_sum else out[0]
 
 
 def _call(kernel, spec: _Spec, out_shape, inputs, *, name):
@@ -769,7 +793,39 @@ def _fused_scan_fwd(spec, u, delta, A, B, C, D, z, bias, h0):
 
 def _fused_scan_bwd(spec, res, cotangents):
   dy, dh_last = cotangents
+  if spec.bwd_segments > 1:
+    return _cast_grads(res[:8], _split_backward(spec, spec.bwd_segments, res, dy, dh_last))
   return _cast_grads(res[:8], _backward(spec, res, dy, dh_last))
+
+
+def _split_backward(spec, segments, res, dy, dh_last):
+  """``_backward`` of an unsplit forward, run on ``segments`` segments of the length as rows
+  (``PallasConfig.bwd_segments``): the light adjoints kernel gives every segment's adjoint
+  sweep from zero and its ``sum dt``, the carry over the segments in scan-reverse order gives
+  the adjoint leaving each one, and the backward kernel runs every segment from the forward's
+  saved chunk states with that adjoint. Returns ``_backward``'s gradients in the whole scan's
+  shapes."""
+  u, delta, A, B, C, D, z, bias, h_chunks = res
+  b, l, d = u.shape
+  seg_len = l // segments
+  rspec = dataclasses.replace(spec, b=b * segments, l=seg_len, bwd_segments=1)
+  rows = lambda x: None if x is None else x.reshape(b * segments, seg_len, *x.shape[2:])
+  split = lambda v: v.reshape(b, segments, *v.shape[1:])
+  # The chunk states are in scan order: in reverse the last segment's chunks come first.
+  h_seg = h_chunks.reshape(b, segments, seg_len // spec.chunk, *h_chunks.shape[2:])
+  h_seg = (h_seg[:, ::-1] if spec.reverse else h_seg).reshape(-1, *h_seg.shape[2:])
+  dy = rows(dy.astype(u.dtype))
+  mu_local, dt_sum = _segment_adjoints(rspec, rows(delta), A, rows(C), dy, rows(z), bias,
+                                       with_dt_sum=True)
+  decay = jnp.exp(A * dt_sum[..., None])
+  dh_out = _carried_states(split(decay), split(mu_local), dh_last.astype(A.dtype),
+                           not spec.reverse)
+  row_res = (rows(u), rows(delta), A, rows(B), rows(C), D, rows(z), bias, h_seg)
+  du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(rspec, row_res, dy,
+                                                         dh_out.reshape(mu_local.shape))
+  whole = lambda x: None if x is None else x.reshape(b, l, *x.shape[2:])
+  return (whole(du), whole(ddelta), dA, whole(dB), whole(dC), dD, whole(dz), dbias,
+          split(dh0)[:, -1 if spec.reverse else 0])
 
 
 def _cast_grads(inputs, grads):
@@ -828,6 +884,7 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   fwd_block_d, fwd_warps = forward_block(b, d, g, n, config, split)
+  bwd_segments = 1 if split else backward_segments_for(b, l, d, config)
   return _Spec(
       b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
@@ -836,7 +893,7 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
       prefetch=config.prefetch,
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
       has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
-      reverse=reverse)
+      reverse=reverse, bwd_segments=bwd_segments)
 
 
 def _vector(x, dtype):
@@ -889,6 +946,34 @@ def segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
   while (programs * segments < _SPLIT_PROGRAMS
          and l // (2 * segments) >= config.segment_min_length):
     segments *= 2
+  return segments
+
+
+# The backward-only split (``backward_segments_for``), measured on an H100 (jax 0.11.2) with
+# `bench.scan`'s timing of the forward + backward (`--sweep-segments --backward-only` sweeps
+# it), all variants in one run, ms bf16 / float32, unsplit -> split:
+# (8, 784, 768) in 2 segments 0.520 -> 0.451 / 0.581 -> 0.486; (8, 1568, 768) in 2 or 4
+# 1.001 -> 0.868 / 1.114 -> 0.925; (4, 8192, 1536) in 2, 4 or 8 5.03 -> 4.22-4.26 / 5.61 ->
+# 4.56-4.64. (The forward stays unsplit there: split, it was slower, 1.27-1.51 against 1.14 ms
+# at (4, 8192, 1536) bf16.) Segments of fewer steps than this were not measured.
+_BWD_SEGMENT_MIN_LENGTH = 384
+
+
+def backward_segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
+  """Segments of the backward of an unsplit ``(b, l, d)`` scan (1: none).
+
+  ``config.bwd_segments`` if set, else doubles while ``b · d / bwd_block_d · segments`` programs
+  stay under ``_SPLIT_PROGRAMS`` and every segment keeps ``_BWD_SEGMENT_MIN_LENGTH`` steps;
+  then halves until the length divides into segments of whole chunks.
+  """
+  segments = config.bwd_segments
+  if segments is None:
+    programs, segments = b * max(d // config.bwd_block_d, 1), 1
+    while (programs * segments < _SPLIT_PROGRAMS
+           and l // (2 * segments) >= _BWD_SEGMENT_MIN_LENGTH):
+      segments *= 2
+  while segments > 1 and l % (segments * config.chunk):
+    segments //= 2
   return segments
 
 
