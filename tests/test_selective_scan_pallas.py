@@ -16,7 +16,7 @@ from vidssm_jax.ops.selective_scan import auto_backend, available_backends
 from vidssm_jax.ops.selective_scan import native_length as backend_native_length
 from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, backward_segments_for,
                                                  forward_block, native_length, segments_for,
-                                                 selective_scan_pallas, time_split_for)
+                                                 selective_scan_pallas)
 
 # Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
 # nothing for a test and cost most of the compile time.
@@ -164,61 +164,6 @@ def test_backward_only_split_matches_numpy_oracle(case, bwd_segments, poison):
   assert set(grads) == set(ref_grads)
   for name, grad in grads.items():
     assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
-
-
-@pytest.mark.parametrize("l,g,grouped,h0,extras,parts,dtype,poison", [
-    pytest.param(197, 1, False, True, True, 8, np.float32, False, id="l197-h0-DzB-p8"),
-    pytest.param(11, 2, True, True, True, 4, np.float32, True, id="l11-g2G-h0-DzB-p4-poisoned"),
-    pytest.param(1, 1, False, False, False, 2, np.float32, False, id="l1-p2"),
-    pytest.param(64, 2, False, False, True, 16, np.float32, False, id="l64-g2-DzB-p16"),
-    pytest.param(100, 1, False, True, True, 4, jnp.bfloat16, False, id="l100-h0-DzB-p4-bf16")])
-def test_time_split_forward_matches_numpy_oracle(l, g, grouped, h0, extras, parts, dtype, poison):
-  # The undifferentiated forward with the length in parts (PallasConfig.time_split): lengths
-  # that leave the last part short or empty, groups, an initial state, no extras; y and the
-  # final state against the float64 oracle. Poisoned outputs show every y element is written.
-  x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
-  x = {k: jnp.asarray(v, dtype) for k, v in x.items()}
-  names = [k for k in GRAD_NAMES if k in x]
-  config = PallasConfig(chunk=4, block_d=2, time_split=parts, poison_outputs=poison)
-  scan = jax.jit(lambda *a: selective_scan_pallas(**dict(zip(names, a)), delta_softplus=True,
-                                                  return_final_state=True, config=config))
-  y, h = scan(*[x[k] for k in names])
-  assert y.dtype == dtype and y.shape == x["u"].shape and h.shape == (2, 6, 5)
-  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
-  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
-                                      delta_softplus=True, h0=ref.get("initial_state"))
-  tol = 1e-5 if dtype == np.float32 else 2e-2
-  assert rel_err(y, ref_y) <= tol and rel_err(h, ref_h) <= tol
-
-
-def test_time_split_leaves_the_differentiated_scan_to_the_saving_kernel():
-  # Under differentiation the forward must save its chunk states, so time_split does not apply:
-  # outputs and every gradient still match the oracle, through the reverse scan too (where the
-  # time split never applies).
-  x = make_inputs(3, 2, 37, 6, 5, 1, h0=True)
-  for reverse in (False, True):
-    config = PallasConfig(chunk=4, block_d=2, time_split=4)
-    y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config)
-    ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
-    ref_y, _ = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
-                                    delta_softplus=True, reverse=reverse, h0=ref["initial_state"])
-    assert rel_err(y, ref_y) <= 1e-5
-    ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=reverse)
-    for name, grad in grads.items():
-      assert rel_err(grad, ref_grads[name]) <= 1e-5, name
-
-
-def test_automatic_time_split_by_shape():
-  config = PallasConfig()
-  assert time_split_for(1, 197, 768, config) == 8  # a live stream's temporal scan: 8 x 32 steps
-  assert time_split_for(1, 197, 1536, config) == 8  # its spatial scan, both directions
-  assert time_split_for(1, 100, 768, config) == 4
-  assert time_split_for(16, 197, 768, config) == 1  # 16 streams: enough rows
-  assert time_split_for(1, 49, 768, config) == 1  # too short
-  assert time_split_for(1, 3136, 768, config) == 1  # long: the length split's business
-  assert time_split_for(1, 197, 768, PallasConfig(time_split=1)) == 1
-  with pytest.raises(ValueError, match="time_split must be a power of two, got 3"):
-    time_split_for(1, 197, 768, PallasConfig(time_split=3))
 
 
 def test_automatic_backward_segments_by_shape():
@@ -380,7 +325,6 @@ def test_registry_runs_pallas_on_cpu_only_when_asked():
     (dict(pad_min_length=-1), r"PallasConfig.pad_min_length must be an int >= 0, got -1"),
     (dict(segments=0), r"PallasConfig.segments must be None or an int >= 1, got 0"),
     (dict(bwd_segments=0), r"PallasConfig.bwd_segments must be None or an int >= 1, got 0"),
-    (dict(time_split=0), r"PallasConfig.time_split must be None or an int >= 1, got 0"),
 ])
 def test_config_rejects_bad_values(value, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -419,10 +363,6 @@ LOWERING_VARIANTS = {
     # (with the segments' sums of dt) and one backward kernel.
     "bwd-segments": dict(reverse=True, h0=True, l=48, kernels=(1, 3),
                          config=PallasConfig(chunk=4, segments=1, bwd_segments=3)),
-    # The undifferentiated forward in parts: its own kernel; the gradient's forward saves its
-    # chunk states with the usual kernel, then the backward.
-    "time-split": dict(h0=True, dtype=jnp.bfloat16, kernels=(1, 2),
-                       config=PallasConfig(chunk=4, time_split=8)),
 }
 
 
@@ -448,8 +388,6 @@ def test_kernels_lower_for_cuda(variant):
   for exported, kernels in zip((forward, gradient), v["kernels"]):
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == kernels, variant
-  parts = "selective_scan_fwd_parts" in forward.mlir_module()
-  assert parts == (variant == "time-split") and "fwd_parts" not in gradient.mlir_module()
 
 
 def test_bench_chains_stream_scans_from_state_to_state():

@@ -130,15 +130,6 @@ class PallasConfig:
       one, and the backward kernel runs on the segments as rows (``_split_backward``). Exact, as
       the full split is. ``None`` (the default): chosen by shape (``backward_segments_for``);
       an int forces that many where the length divides into them (1: no split).
-    time_split: the undifferentiated forward (a live stream, inference) in one kernel whose
-      programs each run their channels' length in this many parts side by side (a power of
-      two): every part scans from zero for its final state and the sum of its dt, the states
-      entering the parts follow in the program, and every part runs again from its entering
-      state for y (``_time_split_kernel``). Twice the arithmetic, a part of the serial chain:
-      it pays where few programs walk a short length one step at a time. The differentiated
-      forward keeps the saving kernel. ``None``: chosen by shape (``time_split_for``); 1: off.
-    time_split_warps: warps per program of the time-split kernel (``None``: one per 128 state
-      elements of its ``(parts, block_d, n)`` tile, within 1 to 4).
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -157,8 +148,6 @@ class PallasConfig:
   segments: Optional[int] = None
   segment_min_length: int = 128
   bwd_segments: Optional[int] = None
-  time_split: Optional[int] = None
-  time_split_warps: Optional[int] = None
 
   def __post_init__(self):
     for name in ("block_d", "chunk", "bwd_block_d"):
@@ -167,7 +156,7 @@ class PallasConfig:
         continue
       if not isinstance(v, int) or v < 1 or v & (v - 1):
         raise ValueError(f"PallasConfig.{name} must be a power of two, got {v!r}")
-    for name in ("segments", "bwd_segments", "time_split", "time_split_warps"):
+    for name in ("segments", "bwd_segments"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"PallasConfig.{name} must be None or an int >= 1, got {v!r}")
@@ -262,8 +251,6 @@ class _Spec:
   softplus: bool
   reverse: bool
   bwd_segments: int = 1  # the backward's own length split (``PallasConfig.bwd_segments``)
-  time_split: int = 1  # parts of the undifferentiated forward (``PallasConfig.time_split``)
-  time_split_warps: int = 1
 
   @property
   def num_full(self) -> int:
@@ -490,110 +477,6 @@ def _forward(spec: _Spec, save: bool, u, delta, A, B, C, D, z, bias, h0):
 
 
 # --------------------------------------------------------------------------------------------
-# The undifferentiated forward with the length in parts (``PallasConfig.time_split``)
-# --------------------------------------------------------------------------------------------
-
-
-# The automatic time split (``time_split_for``): parts of about this many steps, at most this
-# many parts (a (1, 197, 768) stream scan: 8 parts of 32 steps).
-_TIME_SPLIT_STEPS = 24
-_TIME_SPLIT_MAX = 8
-_TIME_SPLIT_ROW_CHANNELS = 2048
-_TIME_SPLIT_LENGTHS = (64, 1024)
-
-
-def _part_length(spec: _Spec) -> int:
-  """Steps per part: whole chunks, so that ``time_split`` parts cover the length."""
-  part = -(-spec.l // spec.time_split)
-  return part + -part % spec.chunk
-
-
-def _time_split_kernel(*refs, spec: _Spec, prefilled=()):
-  """One program's channels, their length in ``P = spec.time_split`` parts of ``L`` steps, the
-  parts side by side in a ``(P, block_d, n)`` state tile. Pass 1 scans every part from a zero
-  state for its final state and its ``sum dt``; the states entering the parts follow in order
-  (``h_in[p + 1] = exp(A sum dt[p]) h_in[p] + h_part[p]`` from ``h0``); pass 2 scans every part
-  again from its entering state and writes y. Step ``j`` of part ``p`` is time ``p L + j``;
-  steps past the length load the last step's inputs with ``dt = 0`` (the state stays) and
-  write past the length into the padded ``y``, which the caller slices."""
-  r = _unpack(refs, _input_names(spec, backward=False) + list(prefilled) + ["y", "h_last"])
-  acc = r["h_last"].dtype
-  P, T, bd, L = spec.time_split, spec.chunk, spec.fwd_block_d, _part_length(spec)
-  rows = _Rows(r, spec, acc, bd)
-  A2 = r["A"][rows.chans, :].astype(acc) * _LOG2E  # (bd, n)
-  D = rows.channel_vector("D") if spec.has_D else None
-  bias = rows.channel_vector("bias") if spec.has_bias else None
-  part = lax.broadcasted_iota(jnp.int32, (P,), 0)
-
-  def load(t):  # the inputs of step t (P,) of every part: (P, bd) rows and (P, n) rows
-    valid, tc = t < spec.l, jnp.minimum(t, spec.l - 1)
-    names = ["u", "delta"] + (["z"] if spec.has_z else [])
-    x = {k: r[k][rows.bi, tc, rows.chans].astype(acc) for k in names}
-    x.update({k: r[k][rows.bi, tc, rows.gi, :].astype(acc) for k in ("B", "C")})
-    dt, _ = rows.dt(x["delta"], bias)
-    x["dt"] = jnp.where(valid[:, None], dt, 0.0)
-    x["t"] = t
-    return x
-
-  def advance(h, x):
-    decay = _approx("ex2", x["dt"][:, :, None] * A2[None], rows.fast)
-    return decay * h + (x["dt"] * x["u"])[:, :, None] * x["B"][:, None, :]
-
-  load_chunk = lambda k: [load(part * L + k * T + j) for j in range(T)]
-
-  def states(k, carry, inputs):
-    h, dt_sum = carry
-    for x in inputs:
-      h, dt_sum = advance(h, x), dt_sum + x["dt"]
-    return h, dt_sum
-
-  zero = jnp.zeros((P, bd, spec.n), acc)
-  h_part, dt_sum = _prefetched_chunks(L // T, load_chunk, states,
-                                      (zero, jnp.zeros((P, bd), acc)), backwards=False)
-  decay = _approx("ex2", dt_sum[:, :, None] * A2[None], rows.fast)
-  take = lambda v, p: jnp.sum(jnp.where(part[:, None, None] == p, v, 0.0), axis=0)
-  h, h_in = r["h0"][rows.bi, rows.chans, :].astype(acc), zero
-  for p in range(P):
-    h_in = jnp.where(part[:, None, None] == p, h[None], h_in)
-    h = take(decay, p) * h + take(h_part, p)
-  r["h_last"][rows.bi, rows.chans, :] = h
-
-  def outputs(k, h, inputs):
-    for x in inputs:
-      h = advance(h, x)
-      y = jnp.sum(h * x["C"][:, None, :], axis=2)
-      if D is not None:
-        y = y + D[None] * x["u"]
-      if spec.has_z:
-        y = y * (x["z"] * _sigmoid(x["z"], rows.fast))
-      r["y"][rows.bi, x["t"], rows.chans] = y.astype(r["y"].dtype)
-    return h
-
-  _prefetched_chunks(L // T, load_chunk, outputs, h_in, backwards=False)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _forward_time_split(spec: _Spec, u, delta, A, B, C, D, z, bias, h0):
-  padded = spec.time_split * _part_length(spec)
-  out_shape = [jax.ShapeDtypeStruct((spec.b, padded, spec.d), u.dtype),
-               jax.ShapeDtypeStruct((spec.b, spec.d, spec.n), h0.dtype)]
-  inputs = [x for x in (u, delta, A, B, C, h0, D, z, bias) if x is not None]
-  aliases, prefilled = {}, ()
-  if spec.poison:
-    inputs, prefilled = _prefilled_outputs(out_shape, inputs, aliases, jnp.nan)
-  y, h_last = pl.pallas_call(
-      functools.partial(_time_split_kernel, spec=spec, prefilled=tuple(prefilled)),
-      out_shape=out_shape,
-      grid=(spec.b, spec.g, spec.d // spec.g // spec.fwd_block_d),
-      compiler_params=_compiler_params(spec.time_split_warps, spec.num_stages),
-      interpret=spec.interpret,
-      input_output_aliases=aliases,
-      name="selective_scan_fwd_parts",
-  )(*inputs)
-  return y[:, :spec.l], h_last
-
-
-# --------------------------------------------------------------------------------------------
 # Backward kernel
 # --------------------------------------------------------------------------------------------
 
@@ -775,11 +658,11 @@ def _backward(spec: _Spec, res, dy, dh_last):
 # --------------------------------------------------------------------------------------------
 
 
-def _prefetched_chunks(count: int, load_chunk, body, carry, *, backwards: bool):
-  """Runs ``body(k, carry, inputs) -> carry`` over ``count`` chunks (last to first when
-  ``backwards``), with each chunk's loads issued before the arithmetic of the one before, as
-  the forward kernel does with ``prefetch``."""
-  last = count - 1
+def _prefetched_chunks(spec: _Spec, load_chunk, body, carry, *, backwards: bool):
+  """Runs ``body(k, carry, inputs) -> carry`` over the ``spec.num_full`` chunks (last to first
+  when ``backwards``), with each chunk's loads issued before the arithmetic of the one before,
+  as the forward kernel does with ``prefetch``."""
+  last = spec.num_full - 1
 
   def chunk(i, state):
     carry, inputs = state
@@ -788,7 +671,7 @@ def _prefetched_chunks(count: int, load_chunk, body, carry, *, backwards: bool):
     return body(k, carry, inputs), following
 
   first = load_chunk(last if backwards else 0)
-  return lax.fori_loop(0, count, chunk, (carry, first))[0]
+  return lax.fori_loop(0, spec.num_full, chunk, (carry, first))[0]
 
 
 def _states_kernel(*refs, spec: _Spec, prefilled=()):
@@ -814,7 +697,7 @@ def _states_kernel(*refs, spec: _Spec, prefilled=()):
     return h, dt_sum
 
   zeros = (jnp.zeros((bd, spec.n), acc), jnp.zeros((bd,), acc))
-  h, dt_sum = _prefetched_chunks(spec.num_full, load_chunk, body, zeros, backwards=False)
+  h, dt_sum = _prefetched_chunks(spec, load_chunk, body, zeros, backwards=False)
   r["h_last"][rows.bi, rows.chans, :] = h
   r["dt_sum"][rows.bi, rows.chans] = dt_sum
 
@@ -850,7 +733,7 @@ def _adjoints_kernel(*refs, spec: _Spec, with_dt_sum: bool, prefilled=()):
     return mu, dt_sum
 
   zeros = (jnp.zeros((bd, spec.n), acc), jnp.zeros((bd,), acc))
-  mu, dt_sum = _prefetched_chunks(spec.num_full, load_chunk, body, zeros, backwards=True)
+  mu, dt_sum = _prefetched_chunks(spec, load_chunk, body, zeros, backwards=True)
   r["mu"][rows.bi, rows.chans, :] = mu
   if with_dt_sum:
     r["dt_sum"][rows.bi, rows.chans] = dt_sum
@@ -900,8 +783,6 @@ def _call(kernel, spec: _Spec, out_shape, inputs, *, name):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_scan(spec, u, delta, A, B, C, D, z, bias, h0):
-  if spec.time_split > 1:  # not differentiated: nothing to save, the length in parts
-    return tuple(_forward_time_split(spec, u, delta, A, B, C, D, z, bias, h0))
   return tuple(_forward(spec, False, u, delta, A, B, C, D, z, bias, h0))
 
 
@@ -1004,8 +885,6 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
     interpret = jax.default_backend() != "gpu"
   fwd_block_d, fwd_warps = forward_block(b, d, g, n, config, split)
   bwd_segments = 1 if split else backward_segments_for(b, l, d, config)
-  parts = 1 if split or reverse else time_split_for(b, l, d, config)
-  parts_warps = config.time_split_warps or max(1, min(4, parts * fwd_block_d * n // 128))
   return _Spec(
       b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
@@ -1014,8 +893,7 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
       prefetch=config.prefetch,
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
       has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
-      reverse=reverse, bwd_segments=bwd_segments, time_split=parts,
-      time_split_warps=parts_warps)
+      reverse=reverse, bwd_segments=bwd_segments)
 
 
 def _vector(x, dtype):
@@ -1097,24 +975,6 @@ def backward_segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
   while segments > 1 and l % (segments * config.chunk):
     segments //= 2
   return segments
-
-
-def time_split_for(b: int, l: int, d: int, config: PallasConfig) -> int:
-  """Parts of the undifferentiated, unsplit forward of a ``(b, l, d)`` scan (1: none).
-
-  ``config.time_split`` if set; else, for at most ``_TIME_SPLIT_ROW_CHANNELS`` rows ×
-  channels (a live stream's scans) of ``_TIME_SPLIT_LENGTHS`` steps, parts of about
-  ``_TIME_SPLIT_STEPS`` steps, at most ``_TIME_SPLIT_MAX`` of them.
-  """
-  parts = config.time_split
-  if parts is None:
-    parts, (shortest, longest) = 1, _TIME_SPLIT_LENGTHS
-    if (b * d <= _TIME_SPLIT_ROW_CHANNELS and shortest <= l <= longest
-        and config.block_d is None):
-      parts = min(_TIME_SPLIT_MAX, _pow2_at_most(l // _TIME_SPLIT_STEPS))
-  if parts & (parts - 1):
-    raise ValueError(f"PallasConfig.time_split must be a power of two, got {parts}")
-  return parts
 
 
 def _segment_length(l: int, segments: int, chunk: int) -> int:
