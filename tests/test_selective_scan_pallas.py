@@ -114,46 +114,28 @@ def test_kernel_configs_agree_with_oracle(config):
     assert rel_err(grad, ref_grads[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("case,segments,poison", [
-    pytest.param(CASES[4], 2, False, id=_case_id(CASES[4]) + "-s2"),
-    pytest.param(CASES[7], 3, False, id=_case_id(CASES[7]) + "-s3"),
-    pytest.param(CASES[6], 4, False, id=_case_id(CASES[6]) + "-s4"),
-    pytest.param(CASES[5], 2, True, id=_case_id(CASES[5]) + "-s2-poisoned")])
-def test_length_parallel_scan_matches_numpy_oracle(case, segments, poison):
-  # The length-parallel scan on the core tests' awkward cases (groups, reverse and forward,
-  # initial state, no extras): forward, final state and every gradient, through the carries
-  # between the segments in both directions. Poisoned outputs (NaN-filled before the kernels
-  # run) show that every kernel writes every element it owns.
+@pytest.mark.parametrize("case,split,poison", [
+    pytest.param(CASES[4], dict(segments=2), False, id=_case_id(CASES[4]) + "-s2"),
+    pytest.param(CASES[7], dict(segments=3), False, id=_case_id(CASES[7]) + "-s3"),
+    pytest.param(CASES[6], dict(segments=4), False, id=_case_id(CASES[6]) + "-s4"),
+    pytest.param(CASES[5], dict(segments=2), True, id=_case_id(CASES[5]) + "-s2-poisoned"),
+    pytest.param(CASES[7], dict(segments=1, bwd_segments=5), False,
+                 id=_case_id(CASES[7]) + "-b5"),
+    pytest.param(CASES[6], dict(segments=1, bwd_segments=2), True,
+                 id=_case_id(CASES[6]) + "-b2-poisoned")])
+def test_length_parallel_scans_match_numpy_oracle(case, split, poison):
+  # The length-parallel scan (segments) and the backward-only split of an unsplit forward
+  # (bwd_segments) on the core tests' awkward cases (groups, reverse and forward, initial
+  # state, no extras): forward, final state and every gradient, through the carries between
+  # the segments in both directions (and, backward only, the forward's chunk states taken per
+  # segment). Poisoned outputs (NaN-filled before the kernels run) show that every kernel
+  # writes every element it owns.
   l, g, grouped, reverse, h0, extras = case
   x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
   x = {k: jnp.asarray(v, np.float32) for k, v in x.items()}
-  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, segments=segments,
-                        poison_outputs=poison)
-  y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config, ct_seed=l)
-  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
-  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
-                                      delta_softplus=True, reverse=reverse,
-                                      h0=ref.get("initial_state"))
-  assert rel_err(y, ref_y) <= 1e-5 and rel_err(h, ref_h) <= 1e-5
-  ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=reverse)
-  assert set(grads) == set(ref_grads)
-  for name, grad in grads.items():
-    assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
-
-
-@pytest.mark.parametrize("case,bwd_segments,poison", [
-    pytest.param(CASES[7], 5, False, id=_case_id(CASES[7]) + "-b5"),
-    pytest.param(CASES[6], 2, True, id=_case_id(CASES[6]) + "-b2-poisoned")])
-def test_backward_only_split_matches_numpy_oracle(case, bwd_segments, poison):
-  # The unsplit forward, its backward run on segments of the length (PallasConfig.bwd_segments):
-  # forward and reverse, groups, initial state, the gate and skip; every gradient, through the
-  # adjoint carried between the segments and the forward's chunk states taken per segment.
-  l, g, grouped, reverse, h0, extras = case
-  x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
-  x = {k: jnp.asarray(v, np.float32) for k, v in x.items()}
-  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, segments=1,
-                        bwd_segments=bwd_segments, poison_outputs=poison)
-  assert backward_segments_for(2, l, 6, config) == bwd_segments  # the split does run
+  config = PallasConfig(chunk=4, block_d=2, bwd_block_d=2, poison_outputs=poison, **split)
+  if "bwd_segments" in split:  # the backward split does run
+    assert backward_segments_for(2, l, 6, config) == split["bwd_segments"]
   y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config, ct_seed=l)
   ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
   ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
