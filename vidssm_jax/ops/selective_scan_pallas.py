@@ -800,32 +800,21 @@ def _fused_scan_bwd(spec, res, cotangents):
 
 def _split_backward(spec, segments, res, dy, dh_last):
   """``_backward`` of an unsplit forward, run on ``segments`` segments of the length as rows
-  (``PallasConfig.bwd_segments``): the light adjoints kernel gives every segment's adjoint
-  sweep from zero and its ``sum dt``, the carry over the segments in scan-reverse order gives
-  the adjoint leaving each one, and the backward kernel runs every segment from the forward's
-  saved chunk states with that adjoint. Returns ``_backward``'s gradients in the whole scan's
-  shapes."""
+  (``PallasConfig.bwd_segments``) by ``_segments_backward``, each segment from the forward's
+  saved chunk states. Returns ``_backward``'s gradients in the whole scan's shapes."""
   u, delta, A, B, C, D, z, bias, h_chunks = res
   b, l, d = u.shape
   seg_len = l // segments
-  rspec = dataclasses.replace(spec, b=b * segments, l=seg_len, bwd_segments=1)
   rows = lambda x: None if x is None else x.reshape(b * segments, seg_len, *x.shape[2:])
-  split = lambda v: v.reshape(b, segments, *v.shape[1:])
   # The chunk states are in scan order: in reverse the last segment's chunks come first.
   h_seg = h_chunks.reshape(b, segments, seg_len // spec.chunk, *h_chunks.shape[2:])
   h_seg = (h_seg[:, ::-1] if spec.reverse else h_seg).reshape(-1, *h_seg.shape[2:])
-  dy = rows(dy.astype(u.dtype))
-  mu_local, dt_sum = _segment_adjoints(rspec, rows(delta), A, rows(C), dy, rows(z), bias,
-                                       with_dt_sum=True)
-  decay = jnp.exp(A * dt_sum[..., None])
-  dh_out = _carried_states(split(decay), split(mu_local), dh_last.astype(A.dtype),
-                           not spec.reverse)
   row_res = (rows(u), rows(delta), A, rows(B), rows(C), D, rows(z), bias, h_seg)
-  du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(rspec, row_res, dy,
-                                                         dh_out.reshape(mu_local.shape))
+  rspec = dataclasses.replace(spec, b=b * segments, l=seg_len, bwd_segments=1)
+  du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _segments_backward(rspec, segments, row_res,
+                                                                  rows(dy), dh_last)
   whole = lambda x: None if x is None else x.reshape(b, l, *x.shape[2:])
-  return (whole(du), whole(ddelta), dA, whole(dB), whole(dC), dD, whole(dz), dbias,
-          split(dh0)[:, -1 if spec.reverse else 0])
+  return (whole(du), whole(ddelta), dA, whole(dB), whole(dC), dD, whole(dz), dbias, dh0)
 
 
 def _cast_grads(inputs, grads):
@@ -1064,15 +1053,29 @@ def _split_scan_fwd(spec, segments, u, delta, A, B, C, D, z, bias, h0):
 
 
 def _split_scan_bwd(spec, segments, res, cotangents):
-  (u, delta, A, B, C, D, z, bias, h_chunks), decay = res
+  res, decay = res
   dy, dh_last = cotangents
+  return _cast_grads(res[:8], _segments_backward(spec, segments, res, dy, dh_last, decay))
+
+
+def _segments_backward(spec, segments, res, dy, dh_last, decay=None):
+  """``_backward`` on rows that are ``segments`` consecutive segments of each scan (backward
+  steps 1-3 above): each segment's adjoint sweep from zero (light kernel), the adjoint leaving
+  every segment (the carry over the segments), then the backward kernel once. ``decay``: each
+  segment's total decay ``(rows, d, n)``; None: from the sums of dt the light kernel returns
+  (the backward-only split, which ran no states kernel). The last gradient is the whole scan's
+  ``dh0``, ``(rows / segments, d, n)``."""
+  u, delta, A, B, C, D, z, bias, h_chunks = res
   dy = dy.astype(u.dtype)
   split = lambda v: v.reshape(spec.b // segments, segments, *v.shape[1:])
-  mu_local = _segment_adjoints(spec, delta, A, C, dy, z, bias)
+  if decay is None:
+    mu_local, dt_sum = _segment_adjoints(spec, delta, A, C, dy, z, bias, with_dt_sum=True)
+    decay = jnp.exp(A * dt_sum[..., None])
+  else:
+    mu_local = _segment_adjoints(spec, delta, A, C, dy, z, bias)
   dh_out = _carried_states(split(decay), split(mu_local), dh_last.astype(A.dtype),
                            not spec.reverse)
-  grads = _backward(spec, res[0], dy, dh_out.reshape(mu_local.shape))
-  *grads, dh0 = _cast_grads(res[0][:8], grads)
+  *grads, dh0 = _backward(spec, res, dy, dh_out.reshape(mu_local.shape))
   return (*grads, split(dh0)[:, -1 if spec.reverse else 0])
 
 
