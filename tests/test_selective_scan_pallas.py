@@ -16,7 +16,7 @@ from vidssm_jax.ops.selective_scan import auto_backend, available_backends
 from vidssm_jax.ops.selective_scan import native_length as backend_native_length
 from vidssm_jax.ops.selective_scan_pallas import (PallasConfig, backward_segments_for,
                                                  forward_block, native_length, segments_for,
-                                                 selective_scan_pallas)
+                                                 selective_scan_pallas, time_parallel_for)
 
 # Interpret mode turns every kernel into a large XLA program; XLA's backend optimisations buy
 # nothing for a test and cost most of the compile time.
@@ -146,6 +146,62 @@ def test_length_parallel_scans_match_numpy_oracle(case, split, poison):
   assert set(grads) == set(ref_grads)
   for name, grad in grads.items():
     assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
+
+
+@pytest.mark.parametrize("l,g,grouped,h0,extras,block_t,block_d,dtype,poison", [
+    pytest.param(197, 1, False, True, True, 64, 2, np.float32, True,
+                 id="l197-h0-DzB-t64-last-block-overlaps-poisoned"),
+    pytest.param(11, 2, True, True, True, 4, 2, np.float32, True, id="l11-g2G-h0-DzB-t4-poisoned"),
+    pytest.param(1, 1, False, False, False, 64, 2, np.float32, False, id="l1-t64"),
+    pytest.param(64, 2, False, False, True, 16, 1, np.float32, False, id="l64-g2-DzB-t16-d1"),
+    pytest.param(100, 1, False, True, True, 32, 2, jnp.bfloat16, False, id="l100-h0-DzB-bf16")])
+def test_time_parallel_forward_matches_numpy_oracle(l, g, grouped, h0, extras, block_t, block_d,
+                                                   dtype, poison):
+  # The undifferentiated forward with time scanned across threads (PallasConfig.time_parallel):
+  # a length shorter than a block, whole blocks, a last block that overlaps the one before,
+  # groups, an initial state, no extras; y and the final state against the float64 oracle.
+  # Poisoned outputs show that every y element is written (the overlap's masked store too).
+  x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
+  x = {k: jnp.asarray(v, dtype) for k, v in x.items()}
+  names = [k for k in GRAD_NAMES if k in x]
+  config = PallasConfig(chunk=4, time_parallel=True, tp_block_t=block_t, tp_block_d=block_d,
+                        poison_outputs=poison)
+  scan = lambda *a: selective_scan_pallas(**dict(zip(names, a)), delta_softplus=True,
+                                          return_final_state=True, config=config)
+  args = [x[k] for k in names]
+  y, h = jax.jit(scan).lower(*args).compile(FAST_COMPILE)(*args)
+  assert y.dtype == dtype and y.shape == x["u"].shape and h.shape == (2, 6, 5)
+  ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  ref_y, ref_h = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
+                                      delta_softplus=True, h0=ref.get("initial_state"))
+  tol = 1e-5 if dtype == np.float32 else 2e-2
+  assert rel_err(y, ref_y) <= tol and rel_err(h, ref_h) <= tol
+
+
+def test_time_parallel_leaves_gradients_and_reverse_to_the_walk():
+  # Under differentiation the forward must save its chunk states, and a reverse scan walks:
+  # outputs and every gradient still match the oracle with time_parallel forced on.
+  x = make_inputs(3, 2, 37, 6, 5, 1, h0=True)
+  for reverse in (False, True):
+    config = PallasConfig(chunk=4, block_d=2, time_parallel=True)
+    y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config)
+    ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
+    ref_y, _ = numpy_selective_scan(**{k: v for k, v in ref.items() if k != "initial_state"},
+                                    delta_softplus=True, reverse=reverse, h0=ref["initial_state"])
+    assert rel_err(y, ref_y) <= 1e-5
+    ref_grads = numpy_selective_scan_vjp(**ref, dy=ct_y, dh=ct_h, reverse=reverse)
+    for name, grad in grads.items():
+      assert rel_err(grad, ref_grads[name]) <= 1e-5, name
+
+
+def test_automatic_time_parallel_by_shape():
+  config = PallasConfig()
+  assert time_parallel_for(1, 768, False, config)  # a live stream's temporal scan
+  assert time_parallel_for(1, 1536, False, config)  # its spatial scan, both directions
+  assert not time_parallel_for(16, 1536, False, config)  # 16 streams: the walk fills the GPU
+  assert not time_parallel_for(1, 768, True, config)  # reverse always walks
+  assert not time_parallel_for(1, 768, False, PallasConfig(time_parallel=False))
+  assert time_parallel_for(64, 768, False, PallasConfig(time_parallel=True))
 
 
 def test_automatic_backward_segments_by_shape():
@@ -345,6 +401,11 @@ LOWERING_VARIANTS = {
     # (with the segments' sums of dt) and one backward kernel.
     "bwd-segments": dict(reverse=True, h0=True, l=48, kernels=(1, 3),
                          config=PallasConfig(chunk=4, segments=1, bwd_segments=3)),
+    # The undifferentiated forward scans time across threads (its own kernel and the pair
+    # scan's Triton lowering); the gradient's forward walks and saves its chunk states.
+    "time-parallel": dict(h0=True, dtype=jnp.bfloat16,
+                          config=PallasConfig(chunk=4, time_parallel=True)),
+    "walk": dict(h0=True, config=PallasConfig(chunk=4, time_parallel=False)),
 }
 
 
@@ -370,6 +431,9 @@ def test_kernels_lower_for_cuda(variant):
   for exported, kernels in zip((forward, gradient), v["kernels"]):
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == kernels, variant
+  expect_tp = v["config"].time_parallel is not False and not v["reverse"]  # b · d = 128: auto
+  assert ("selective_scan_fwd_tp" in forward.mlir_module()) == expect_tp, variant
+  assert "selective_scan_fwd_tp" not in gradient.mlir_module()
 
 
 def test_bench_chains_stream_scans_from_state_to_state():

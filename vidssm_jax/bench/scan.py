@@ -4,6 +4,7 @@
     python -m vidssm_jax.bench.scan --check          # every backend vs a float64 NumPy oracle
     python -m vidssm_jax.bench.scan --sweep          # Pallas kernel variants at (8, 1568, 768, 16)
     python -m vidssm_jax.bench.scan --sweep-segments # the Pallas length split, per table shape
+    python -m vidssm_jax.bench.scan --sweep-time-parallel  # the stream forward's block shapes
     python -m vidssm_jax.bench.scan --compile-only   # offline sm_90 compile of the Pallas kernels
                                                      # (CPU, needs the triton package's compiler)
 
@@ -568,7 +569,9 @@ def _check_fn(backend, names, reverse):
     f = lambda *a: scan(**dict(zip(names, a)), delta_softplus=True, reverse=reverse,
                         return_final_state=True)
     (y, h), vjp = jax.vjp(f, *args)
-    return y, h, vjp((dy, dh))
+    # The undifferentiated forward runs its own kernel (``PallasConfig.time_parallel``).
+    y_alone, h_alone = f(*args)
+    return y, h, vjp((dy, dh)), y_alone, h_alone
 
   return jax.jit(run)
 
@@ -600,9 +603,10 @@ def run_check(backends, dtypes, *, d=64, seed=0, cases=None):
     if isinstance(fn, Exception):
       worst, what = math.inf, _short_error(fn)
     else:
-      y, h, grads = fn(*jobs[key][1])
+      y, h, grads, y_alone, h_alone = fn(*jobs[key][1])
       ref_y, ref_h, ref_grads = numpy_scan_and_vjp(x, reverse=reverse, dy=dy, dh=dh)
-      errs = {"y": _rel_err(y, ref_y), "h_last": _rel_err(h, ref_h)}
+      errs = {"y": _rel_err(y, ref_y), "h_last": _rel_err(h, ref_h),
+              "y (no grad)": _rel_err(y_alone, ref_y), "h (no grad)": _rel_err(h_alone, ref_h)}
       errs.update({f"d{k}": _rel_err(g, ref_grads[k]) for k, g in zip(names, grads)})
       what = max(errs, key=errs.get)
       worst = errs[what]
@@ -746,6 +750,58 @@ def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP, backward_only: bool 
         print(f"  {str(shape):<26} {'fwd' if mode == 'f' else 'f+b':<4} {text}", flush=True)
 
 
+TIME_PARALLEL_SHAPES = [(1, 197, 768, 16, "h0"), (1, 197, 1536, 16, "h0")]
+
+
+def time_parallel_variants():
+  """(label, config): the serial walk, then the time-parallel forward's block shapes."""
+  from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
+  out = [("walk", dataclasses.replace(base, time_parallel=False))]
+  for t in (32, 64, 128, 256):
+    for bd, warps in ((1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (4, 4), (8, 4)):
+      config = dataclasses.replace(base, time_parallel=True, tp_block_t=t, tp_block_d=bd,
+                                   tp_num_warps=warps)
+      out.append((f"tp t={t} d={bd} w={warps}", config))
+  return out
+
+
+def run_time_parallel_sweep(shapes, dtypes):
+  """Times a live stream's chained forward (``_chained_stream``) with the serial walk and every
+  time-parallel block shape: the data behind ``PallasConfig.time_parallel``'s defaults."""
+  from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG, time_parallel_for
+  for dtype in dtypes:
+    jobs = {}
+    for shape in shapes:
+      dims, _ = _split_shape(shape)
+      x = with_initial_state(make_inputs(*dims, dtype))
+      for label, config in time_parallel_variants():
+        jobs[(shape, label)] = (_chained_stream(_scan_fn("pallas", config, final_state=True)),
+                                (x,))
+    start = time.perf_counter()
+    compiled = _compile_all(jobs)
+    print(f"\ntime-parallel sweep, {jnp.dtype(dtype).name}: {len(jobs)} programs compiled in "
+          f"{time.perf_counter() - start:.0f} s; us per scan, {STREAM_CHAIN} chained",
+          flush=True)
+    for shape in shapes:
+      dims, _ = _split_shape(shape)
+      auto = time_parallel_for(dims[0], dims[2], False, DEFAULT_CONFIG)
+      times = {}
+      for (s_, label), fn in compiled.items():
+        if s_ == shape:
+          times[label] = (_short_error(fn) if isinstance(fn, Exception) else
+                          1e3 * median_ms(fn, *jobs[(s_, label)][1], inner=10) / STREAM_CHAIN)
+          value = times[label]
+          print(f"  {str(shape):<26} {label:<22} "
+                + (f"{value:8.1f}" if isinstance(value, float) else f"failed: {value}"),
+                flush=True)
+      numbers = {k: v for k, v in times.items() if isinstance(v, float)}
+      if numbers:
+        best = min(numbers, key=numbers.get)
+        print(f"  {str(shape):<26} best {best} {numbers[best]:.1f} us; walk "
+              f"{numbers.get('walk', math.nan):.1f} us; automatic: "
+              f"{'time-parallel' if auto else 'walk'}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Offline compile for sm_90 (no GPU): registers, spills, instruction counts
 # --------------------------------------------------------------------------------------------
@@ -840,6 +896,8 @@ def main(argv=None):
                     help="time block-shape variants of the Pallas kernel")
   mode.add_argument("--sweep-segments", action="store_true",
                     help="time the Pallas length split (PallasConfig.segments) per shape")
+  mode.add_argument("--sweep-time-parallel", action="store_true",
+                    help="time the time-parallel forward's block shapes on stream scans")
   mode.add_argument("--compile-only", action="store_true",
                     help="compile the Pallas kernels for sm_90 offline (needs the triton "
                          "package's compiler, no GPU)")
@@ -880,6 +938,10 @@ def main(argv=None):
     run_segment_sweep(parse(args.shapes) if args.shapes else GPU_SHAPES,
                       dtypes or ["bfloat16"], tuple(args.segments or SEGMENT_SWEEP),
                       backward_only=args.backward_only)
+    return 0
+  if args.sweep_time_parallel:
+    run_time_parallel_sweep(parse(args.shapes) if args.shapes else TIME_PARALLEL_SHAPES,
+                            dtypes or ["bfloat16"])
     return 0
   if args.sweep:
     backends = args.backends or [b for b in available_backends() if b in FUSED]

@@ -49,6 +49,7 @@ import math
 from typing import Optional
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -130,6 +131,17 @@ class PallasConfig:
       one, and the backward kernel runs on the segments as rows (``_split_backward``). Exact, as
       the full split is. ``None`` (the default): chosen by shape (``backward_segments_for``);
       an int forces that many where the length divides into them (1: no split).
+    time_parallel: the undifferentiated forward (inference: a live stream's scans) scans the
+      time steps across a program's threads instead of walking them one by one
+      (``_forward_tp_kernel``): blocks of ``tp_block_t`` steps, each a block-wide associative
+      scan (Triton's ``tt.scan`` with the ``(a, x)`` combine of ``h = a h + x``), the state
+      carried from block to block. ``None`` (the default): where the serial walk has too few
+      rows to fill the GPU (``time_parallel_for``); a differentiated forward (it must save its
+      chunk states) and a reverse scan always walk.
+    tp_block_t: steps per block of the time-parallel forward (a power of two, shrunk to the
+      length).
+    tp_block_d: channels per program of the time-parallel forward (a power of two).
+    tp_num_warps: warps per program of the time-parallel forward.
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -148,9 +160,13 @@ class PallasConfig:
   segments: Optional[int] = None
   segment_min_length: int = 128
   bwd_segments: Optional[int] = None
+  time_parallel: Optional[bool] = None
+  tp_block_t: int = 64
+  tp_block_d: int = 2
+  tp_num_warps: int = 4
 
   def __post_init__(self):
-    for name in ("block_d", "chunk", "bwd_block_d"):
+    for name in ("block_d", "chunk", "bwd_block_d", "tp_block_t", "tp_block_d"):
       v = getattr(self, name)
       if v is None and name == "block_d":
         continue
@@ -166,7 +182,10 @@ class PallasConfig:
     if not isinstance(self.pad_min_length, int) or self.pad_min_length < 0:
       raise ValueError(f"PallasConfig.pad_min_length must be an int >= 0, got "
                        f"{self.pad_min_length!r}")
-    for name in ("num_warps", "bwd_num_warps", "num_stages"):
+    if self.time_parallel not in (None, True, False):
+      raise ValueError(f"PallasConfig.time_parallel must be None, True or False, got "
+                       f"{self.time_parallel!r}")
+    for name in ("num_warps", "bwd_num_warps", "num_stages", "tp_num_warps"):
       v = getattr(self, name)
       if v is None and name == "num_warps":
         continue
@@ -251,6 +270,10 @@ class _Spec:
   softplus: bool
   reverse: bool
   bwd_segments: int = 1  # the backward's own length split (``PallasConfig.bwd_segments``)
+  time_parallel: bool = False  # the undifferentiated forward's kernel (``PallasConfig``)
+  tp_block_t: int = 64
+  tp_block_d: int = 2
+  tp_warps: int = 4
 
   @property
   def num_full(self) -> int:
@@ -465,15 +488,121 @@ def _forward(spec: _Spec, save: bool, u, delta, A, B, C, D, z, bias, h0):
   aliases, prefilled = {}, ()
   if spec.poison:
     inputs, prefilled = _prefilled_outputs(out_shape, inputs, aliases, jnp.nan)
+  if spec.time_parallel and not save:
+    kernel, name = _forward_tp_kernel, "selective_scan_fwd_tp"
+    block_d, warps = spec.tp_block_d, spec.tp_warps
+    _register_recurrence_lowering()
+  else:
+    kernel = functools.partial(_forward_kernel, save=save)
+    name, block_d, warps = "selective_scan_fwd", spec.fwd_block_d, spec.fwd_warps
   return pl.pallas_call(
-      functools.partial(_forward_kernel, spec=spec, save=save, prefilled=tuple(prefilled)),
+      functools.partial(kernel, spec=spec, prefilled=tuple(prefilled)),
       out_shape=out_shape,
-      grid=(b, spec.g, spec.d // spec.g // spec.fwd_block_d),
-      compiler_params=_compiler_params(spec.fwd_warps, spec.num_stages),
+      grid=(b, spec.g, spec.d // spec.g // block_d),
+      compiler_params=_compiler_params(warps, spec.num_stages),
       interpret=spec.interpret,
       input_output_aliases=aliases,
-      name="selective_scan_fwd",
+      name=name,
   )(*inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Time-parallel forward kernel (``PallasConfig.time_parallel``: few rows, no gradient)
+# --------------------------------------------------------------------------------------------
+
+# ``h_t = a_t h_{t-1} + x_t`` along one axis of a block, as one Triton ``tt.scan``: each thread
+# combines its own steps, then the threads of a warp and the warps of the program combine their
+# partial results, the way ``mamba_ssm`` scans a chunk of time steps across a block's threads.
+# Pallas lowers only ``cumsum`` to ``tt.scan``, so the pair scan is a primitive of its own with a
+# Triton lowering rule, registered when a GPU kernel first needs it (interpret mode, on CPU,
+# runs ``lax.associative_scan`` with the same combine instead).
+_recurrence_p = jax.extend.core.Primitive("selective_scan_recurrence")
+_recurrence_p.multiple_results = True
+_recurrence_p.def_abstract_eval(lambda a, x, *, axis: (a, x))
+
+
+def _combine(earlier, later):
+  """The pair ``(a, x)`` of two consecutive pieces of ``h = a h + x``, applied in order."""
+  return earlier[0] * later[0], later[0] * earlier[1] + later[1]
+
+
+def _recurrence(a, x, *, axis: int, interpret: bool):
+  """The states ``h`` along ``axis`` of ``a, x`` from ``h = 0`` before the first step."""
+  if interpret:
+    return lax.associative_scan(_combine, (a, x), axis=axis)[1]
+  return _recurrence_p.bind(a, x, axis=axis)[1]
+
+
+@functools.cache
+def _register_recurrence_lowering():
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.triton import dialect as tt
+  from jax._src.pallas.triton import lowering
+
+  def lower(ctx, a, x, *, axis):
+    del ctx
+    op = tt.ScanOp([a, x], axis)
+    element = ir.RankedTensorType(a.type).element_type
+    body = op.regions[0].blocks.append(element, element, element, element)
+    with ir.InsertionPoint.at_block_begin(body):
+      a1, x1, a2, x2 = body.arguments
+      tt.scan_return([arith.mulf(a1, a2), arith.addf(arith.mulf(a2, x1), x2)])
+    op.verify()
+    return list(op.result)
+
+  lowering.register_lowering(_recurrence_p)(lower)
+
+
+def _forward_tp_kernel(*refs, spec: _Spec, prefilled=()):
+  """``_forward_kernel`` (no saved states, ``reverse=False``) over blocks of ``tp_block_t``
+  steps: a block's ``(T, block_d, n)`` decays and inputs at once, its states by one block-wide
+  scan, its outputs by one contraction with C, its last state carried to the next block. A
+  length that is not a multiple of ``T`` ends in a block that starts ``T`` steps before the end:
+  its steps already done are identity steps (dt = 0) and are not stored again."""
+  r = _unpack(refs, _input_names(spec, backward=False) + list(prefilled) + ["y", "h_last"])
+  acc = r["h_last"].dtype
+  T, bd = min(spec.tp_block_t, _pow2_at_most(spec.l)), spec.tp_block_d
+  rows = _Rows(r, spec, acc, bd)
+  A2 = r["A"][rows.chans, :].astype(acc) * _LOG2E  # (bd, n)
+  D = rows.channel_vector("D") if spec.has_D else None
+  bias = rows.channel_vector("bias") if spec.has_bias else None
+  step = lax.broadcasted_iota(jnp.int32, (T, 1), 0)
+
+  def block(t0, h, fresh: int):
+    """Steps ``t0 .. t0 + T - 1`` from the state ``h`` before them, of which the last
+    ``fresh`` are new (static); returns the state after them."""
+    times = pl.ds(t0, T)
+    u = r["u"][rows.bi, times, rows.chans].astype(acc)  # (T, bd)
+    dt, _ = rows.dt(r["delta"][rows.bi, times, rows.chans].astype(acc), bias)
+    new = step >= T - fresh
+    if fresh < T:
+      dt = jnp.where(new, dt, 0.0)
+    B = r["B"][rows.bi, times, rows.gi, :].astype(acc)  # (T, n)
+    C = r["C"][rows.bi, times, rows.gi, :].astype(acc)
+    a = _approx("ex2", dt[:, :, None] * A2[None], rows.fast)  # (T, bd, n)
+    x = (dt * u)[:, :, None] * B[:, None, :]
+    x = jnp.where(step[:, :, None] == 0, x + a * h[None], x)
+    states = _recurrence(a, x, axis=0, interpret=spec.interpret)
+    y = jnp.sum(states * C[:, None, :], axis=2)  # (T, bd)
+    if D is not None:
+      y = y + D[None] * u
+    if spec.has_z:
+      z = r["z"][rows.bi, times, rows.chans].astype(acc)
+      y = y * (z * _sigmoid(z, rows.fast))
+    y = y.astype(r["y"].dtype)
+    if fresh < T:
+      plt.store(r["y"].at[rows.bi, times, rows.chans], y, mask=jnp.broadcast_to(new, y.shape))
+    else:
+      r["y"][rows.bi, times, rows.chans] = y
+    return jnp.sum(jnp.where(step[:, :, None] == T - 1, states, 0.0), axis=0)
+
+  h = r["h0"][rows.bi, rows.chans, :].astype(acc)
+  full = spec.l // T
+  h = lax.fori_loop(0, full, lambda k, h: block(k * T, h, T), h)
+  if spec.l % T:
+    h = block(spec.l - T, h, spec.l % T)
+  r["h_last"][rows.bi, rows.chans, :] = h
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,6 +1003,7 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
     interpret = jax.default_backend() != "gpu"
   fwd_block_d, fwd_warps = forward_block(b, d, g, n, config, split)
   bwd_segments = 1 if split else backward_segments_for(b, l, d, config)
+  time_parallel = not split and time_parallel_for(b, d, reverse, config)
   return _Spec(
       b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
@@ -882,7 +1012,24 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
       prefetch=config.prefetch,
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
       has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
-      reverse=reverse, bwd_segments=bwd_segments)
+      reverse=reverse, bwd_segments=bwd_segments, time_parallel=time_parallel,
+      tp_block_t=config.tp_block_t, tp_block_d=_block_for(d // g, config.tp_block_d),
+      tp_warps=config.tp_num_warps)
+
+
+# The time-parallel forward (``time_parallel_for``) where the serial walk's programs shrink below
+# 16 channels to fill the GPU (``forward_block``): b · d under 16 · _TARGET_PROGRAMS.
+_TIME_PARALLEL_BELOW = 16 * _TARGET_PROGRAMS
+
+
+def time_parallel_for(b: int, d: int, reverse: bool, config: PallasConfig) -> bool:
+  """Whether the undifferentiated forward of a ``(b, ·, d)`` scan scans time across threads
+  (``PallasConfig.time_parallel``; never in reverse)."""
+  if reverse:
+    return False
+  if config.time_parallel is not None:
+    return config.time_parallel
+  return b * d < _TIME_PARALLEL_BELOW
 
 
 def _vector(x, dtype):
