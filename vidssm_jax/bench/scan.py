@@ -750,15 +750,16 @@ def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP, backward_only: bool 
         print(f"  {str(shape):<26} {'fwd' if mode == 'f' else 'f+b':<4} {text}", flush=True)
 
 
-TIME_PARALLEL_SHAPES = [(1, 197, 768, 16, "h0"), (1, 197, 1536, 16, "h0")]
+TIME_PARALLEL_SHAPES = [(1, 197, 768, 16, "h0"), (1, 197, 1536, 16, "h0"),
+                        (4, 197, 1536, 16, "h0"), (16, 197, 768, 16, "h0")]
 
 
 def time_parallel_variants():
   """(label, config): the serial walk, then the time-parallel forward's block shapes."""
   from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
   out = [("walk", dataclasses.replace(base, time_parallel=False))]
-  for t in (32, 64, 128, 256):
-    for bd, warps in ((1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (4, 4), (8, 4)):
+  for t in (16, 32, 64):
+    for bd, warps in ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8)):
       config = dataclasses.replace(base, time_parallel=True, tp_block_t=t, tp_block_d=bd,
                                    tp_num_warps=warps)
       out.append((f"tp t={t} d={bd} w={warps}", config))

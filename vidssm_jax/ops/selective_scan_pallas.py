@@ -141,7 +141,8 @@ class PallasConfig:
     tp_block_t: steps per block of the time-parallel forward (a power of two, shrunk to the
       length).
     tp_block_d: channels per program of the time-parallel forward (a power of two).
-    tp_num_warps: warps per program of the time-parallel forward.
+    tp_num_warps: warps per program of the time-parallel forward; ``None``: one per 1024
+      elements of a block's ``(tp_block_t, tp_block_d, n)`` state, 32 per thread.
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -161,9 +162,9 @@ class PallasConfig:
   segment_min_length: int = 128
   bwd_segments: Optional[int] = None
   time_parallel: Optional[bool] = None
-  tp_block_t: int = 64
-  tp_block_d: int = 2
-  tp_num_warps: int = 4
+  tp_block_t: int = 32
+  tp_block_d: int = 8
+  tp_num_warps: Optional[int] = None
 
   def __post_init__(self):
     for name in ("block_d", "chunk", "bwd_block_d", "tp_block_t", "tp_block_d"):
@@ -187,7 +188,7 @@ class PallasConfig:
                        f"{self.time_parallel!r}")
     for name in ("num_warps", "bwd_num_warps", "num_stages", "tp_num_warps"):
       v = getattr(self, name)
-      if v is None and name == "num_warps":
+      if v is None and name in ("num_warps", "tp_num_warps"):
         continue
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"PallasConfig.{name} must be a positive int, got {v!r}")
@@ -1004,6 +1005,8 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
   fwd_block_d, fwd_warps = forward_block(b, d, g, n, config, split)
   bwd_segments = 1 if split else backward_segments_for(b, l, d, config)
   time_parallel = not split and time_parallel_for(b, d, reverse, config)
+  tp_block_d = _block_for(d // g, config.tp_block_d)
+  tp_elements = min(config.tp_block_t, _pow2_at_most(l)) * tp_block_d * n
   return _Spec(
       b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
@@ -1013,12 +1016,17 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
       has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
       reverse=reverse, bwd_segments=bwd_segments, time_parallel=time_parallel,
-      tp_block_t=config.tp_block_t, tp_block_d=_block_for(d // g, config.tp_block_d),
-      tp_warps=config.tp_num_warps)
+      tp_block_t=config.tp_block_t, tp_block_d=tp_block_d,
+      tp_warps=config.tp_num_warps or max(1, min(8, tp_elements // 1024)))
 
 
 # The time-parallel forward (``time_parallel_for``) where the serial walk's programs shrink below
-# 16 channels to fill the GPU (``forward_block``): b · d under 16 · _TARGET_PROGRAMS.
+# 16 channels to fill the GPU (``forward_block``): b · d under 16 · _TARGET_PROGRAMS. Measured on
+# an H100 (jax 0.11.2, bf16, `python -m vidssm_jax.bench.scan --sweep-time-parallel`, us per scan
+# from a state, 32 chained): (1, 197, 768) walk 16.6, time-parallel 9.2 with the defaults
+# (blocks of 32 steps, 8 channels, 4 warps; the best of 24 block shapes was within 0.1 us);
+# (1, 197, 1536) 21.6 against 12.2 (best 11.7 with 4 channels on 2 warps); with more rows the
+# walk won: (4, 197, 1536) 25.8 against 27.1 at best, (16, 197, 768) 35.6 against 50.3.
 _TIME_PARALLEL_BELOW = 16 * _TARGET_PROGRAMS
 
 
