@@ -646,7 +646,8 @@ def sweep_variants():
   from vidssm_jax.ops.selective_scan_pallas import DEFAULT_CONFIG as base
   changes = [dict(), dict(block_d=32, num_warps=4), dict(block_d=64, num_warps=4),
              dict(block_d=16, num_warps=1), dict(block_d=16, num_warps=2),
-             dict(block_d=8, num_warps=1), dict(chunk=4), dict(chunk=16), dict(bwd_block_d=4),
+             dict(block_d=8, num_warps=1), dict(block_d=4, num_warps=1),
+             dict(block_d=2, num_warps=1), dict(chunk=4), dict(chunk=16), dict(bwd_block_d=4),
              dict(bwd_block_d=16, bwd_num_warps=2),
              dict(prefetch=False), dict(bwd_block_d=32, bwd_num_warps=4),
              dict(bwd_recompute_decay=False),
