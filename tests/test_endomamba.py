@@ -117,6 +117,21 @@ def test_frame_by_frame_equals_whole_clip(tiny):
   np.testing.assert_array_equal(state["frame"], [T, T])
 
 
+def test_unrolled_layer_stacks_are_the_same_model(tiny):
+  # unroll_layers only changes the program (straight-line blocks): same parameters, same
+  # features and state, clip and step.
+  model, variables, video, forward, _, step = tiny
+  unrolled = create_model("endomamba_tiny", **CFG, unroll_layers=True)
+  clip = video[:, :3]
+  assert rel_err(jax.jit(unrolled.apply)(variables, clip), forward(variables, clip)[0]) <= 1e-6
+  state = model.init_state(2)
+  out, new = jax.jit(functools.partial(unrolled.apply, method="step"))(variables, clip[:, 0],
+                                                                       state)
+  ref, ref_new = step(variables, clip[:, 0], state)
+  assert rel_err(out, ref) <= 1e-6
+  assert rel_err(new["caches"]["ssm"], ref_new["caches"]["ssm"]) <= 1e-6
+
+
 def test_two_halves_with_carried_state_equal_whole(tiny):
   model, variables, video, forward, chunk, _ = tiny
   whole, _ = forward(variables, video)

@@ -166,6 +166,7 @@ class EndoMamba(nn.Module):
   scan_backend: str = "auto"
   chunk_size: int = 64  # of the "associative" scan backend
   remat: str = "none"  # per scanned block: "none" | "full" | "dots" (nn/layers.py, ours)
+  unroll_layers: bool = False  # the block stacks as straight-line code (ours; ``layer_stack``)
   # What ``return_intermediates`` returns after blocks depth//3, 2·depth//3 and depth-1:
   # "mixer" (the release's get_features(): the block's mixer output, before the residual add
   # and without a norm) or "residual" (ours: the residual stream after the block, the input of
@@ -288,12 +289,13 @@ class EndoMamba(nn.Module):
     taps = self.intermediate_layers
     if s:
       self.spatial_blocks = layer_stack(EndoMambaLayer, s, remat=self.remat, num_broadcast=1,
-                                        static_broadcast=(0,))(
+                                        static_broadcast=(0,), unroll=self.unroll_layers)(
           bidirectional=True, divide_out=self.divide_out,
           tap_layers=tuple(k for k in taps if k < s), **kw)
     if self.depth - s:
       self.temporal_blocks = layer_stack(EndoMambaLayer, self.depth - s, remat=self.remat,
-                                         num_broadcast=1, static_broadcast=(0,))(
+                                         num_broadcast=1, static_broadcast=(0,),
+                                         unroll=self.unroll_layers)(
           tap_layers=tuple(k for k in taps if k >= s), **kw)
     self.norm_f = RMSNorm(eps=self.norm_eps, dtype=self.dtype, name="norm_f")
 

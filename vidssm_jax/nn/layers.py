@@ -86,7 +86,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 
 
 def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 0,
-                static_broadcast: tuple = ()):
+                static_broadcast: tuple = (), unroll: bool = False):
   """``nn.scan`` of the module class ``body`` over ``length`` layers with stacked parameters.
 
   ``body.__call__(self, carry, xs, *broadcast) -> (carry, ys)``: ``xs`` and ``ys`` have a
@@ -94,7 +94,8 @@ def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 
   layer (``static_broadcast`` lists the positions among them that are Python values, e.g. a
   ``train`` flag, 0-based). Parameters get a leading axis named ``"layers"``; the ``params`` and
   ``dropout`` RNGs are split per layer. Returns the scanned class (instantiate it with the
-  body's fields).
+  body's fields). ``unroll``: the layers as straight-line code instead of a loop (the same
+  stacked parameters; a longer compile).
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
@@ -105,4 +106,5 @@ def layer_stack(body, length: int, *, remat: str = "none", num_broadcast: int = 
                     static_argnums=tuple(3 + i for i in static_broadcast))
   return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=length,
+                 unroll=length if unroll else 1,
                  metadata_params={nn.PARTITION_NAME: "layers"})
