@@ -39,9 +39,15 @@ runs with its outputs pre-filled with NaN so a missed element shows.
 variants compile in parallel threads first.
 
 **Compile only.** Lowers the default and sweep variants of the Pallas forward and backward
-kernels to Triton IR (Pallas' GPU lowering) and compiles them for sm_90 with the ``triton``
-package's compiler (no GPU needed), then prints registers, spills and instruction counts per
-kernel: the cheap way to see whether a block shape spills before spending GPU time.
+kernels (and the time-parallel forward's block shapes at a stream's scan) to Triton IR (Pallas'
+GPU lowering) and compiles them for sm_90 with the ``triton`` package's compiler (no GPU
+needed), then prints registers, spills and instruction counts per kernel: the cheap way to see
+whether a block shape spills before spending GPU time (the time-parallel shapes that spill at
+float32 were the slow ones of the H100 sweep: 64 steps of 4 channels on one warp, 21.6 us).
+
+**Time-parallel sweep.** ``--sweep-time-parallel`` times a live stream's chained forward
+(``TIME_PARALLEL_SHAPES``) with the serial walk and every time-parallel block shape: the data
+behind ``PallasConfig.time_parallel``'s defaults and ``time_parallel_for``.
 """
 
 from __future__ import annotations
@@ -833,10 +839,11 @@ def _compile_ttir(text: str, num_warps: int, num_stages: int) -> dict:
   return _ptx_stats(kernel.asm["ptx"])
 
 
-def pallas_ttir(config, shape, dtype=jnp.float32):
+def pallas_ttir(config, shape, dtype=jnp.float32, grad: bool = True):
   """The Triton IR of the Pallas forward and backward kernels for ``shape``, lowered for CUDA
-  on this machine (jax.export), as ``[(name, text)]``. Uses a private hook of jax's Pallas
-  Triton lowering to read the IR text; fails loudly if that hook moves."""
+  on this machine (jax.export), as ``[(name, text)]``; ``grad=False``: the undifferentiated
+  forward alone (the time-parallel kernel where ``config`` picks it). Uses a private hook of
+  jax's Pallas Triton lowering to read the IR text; fails loudly if that hook moves."""
   from jax._src.pallas.triton import lowering
   from vidssm_jax.ops.selective_scan_pallas import selective_scan_pallas
   captured = []
@@ -858,7 +865,7 @@ def pallas_ttir(config, shape, dtype=jnp.float32):
   lowering.lower_jaxpr_to_triton_module = capture
   try:
     jax.export.export(
-        jax.jit(jax.grad(loss, tuple(range(8)))), platforms=["cuda"],
+        jax.jit(jax.grad(loss, tuple(range(8))) if grad else loss), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*args)
   finally:
@@ -885,6 +892,24 @@ def run_compile_only(backends, shape=SWEEP_SHAPE):
       for name, s in stats:
         print(f"  {backend:<8} {label:<40} {name:<4} {s['regs']:5d} {s['spill']:6d} "
               f"{s['ex2']:5d} {s['shfl']:6d} {s['bar']:5d} {s['lines']:9d}")
+  _compile_time_parallel(TIME_PARALLEL_SHAPES[0][:4])
+
+
+def _compile_time_parallel(shape):
+  """The time-parallel forward's block shapes (``time_parallel_variants``) compiled offline."""
+  from vidssm_jax.ops.selective_scan_pallas import _make_spec
+  b, l, d, n = shape
+  print(f"the time-parallel forward at {shape} float32, no gradient")
+  for label, config in time_parallel_variants()[1:]:
+    try:
+      warps = _make_spec(config, b, l, d, 1, n, 1, 1, 1, True, False).tp_warps
+      (_, text), = pallas_ttir(config, shape, grad=False)
+      s = _compile_ttir(text, warps, config.num_stages)
+    except Exception as e:
+      print(f"  {'pallas':<8} {label:<40} failed: {_short_error(e)}")
+      continue
+    print(f"  {'pallas':<8} {label:<40} {'fwd':<4} {s['regs']:5d} {s['spill']:6d} "
+          f"{s['ex2']:5d} {s['shfl']:6d} {s['bar']:5d} {s['lines']:9d}")
 
 
 # --------------------------------------------------------------------------------------------

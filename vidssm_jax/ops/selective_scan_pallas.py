@@ -34,7 +34,9 @@ Few long rows cannot fill the GPU with such programs; for them the length is spl
 that run side by side (``PallasConfig.segments``, ``_split_scan``): two light kernels give every
 segment's final state from a zero state (forward) and its entering adjoint from a zero adjoint
 (backward), short associative scans over the segments carry them, and the kernels above run once
-per direction with the carried states.
+per direction with the carried states. With few rows and no gradient (a live stream), the
+forward instead scans blocks of time steps across a program's threads
+(``PallasConfig.time_parallel``, ``_forward_tp_kernel``).
 
 On GPU the kernels compile through Pallas' Triton lowering, selected explicitly with Triton
 compiler params (the default GPU lowering of recent JAX, Mosaic GPU, rejects these kernels). On
@@ -272,8 +274,8 @@ class _Spec:
   reverse: bool
   bwd_segments: int = 1  # the backward's own length split (``PallasConfig.bwd_segments``)
   time_parallel: bool = False  # the undifferentiated forward's kernel (``PallasConfig``)
-  tp_block_t: int = 64
-  tp_block_d: int = 2
+  tp_block_t: int = 32
+  tp_block_d: int = 8
   tp_warps: int = 4
 
   @property
