@@ -531,7 +531,8 @@ def numpy_scan_and_vjp(x, *, reverse, dy, dh):
 CHECK_CASES = [(1, 1, False, False, True), (1, 2, True, True, True), (7, 1, False, True, False),
                (7, 2, True, False, True), (257, 1, True, True, True), (257, 2, False, False, False),
                (1000, 1, False, True, True), (1000, 2, True, True, True)]
-BF16_CHECK_CASES = [CHECK_CASES[1], CHECK_CASES[4], CHECK_CASES[7]]
+# bfloat16: reverse cases, and one forward from a state (a live stream's time-parallel forward).
+BF16_CHECK_CASES = [CHECK_CASES[1], CHECK_CASES[4], CHECK_CASES[7], (197, 2, False, True, True)]
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
