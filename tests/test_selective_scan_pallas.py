@@ -148,24 +148,30 @@ def test_length_parallel_scans_match_numpy_oracle(case, split, poison):
     assert rel_err(grad, ref_grads[name]) <= 1e-5, (name, rel_err(grad, ref_grads[name]))
 
 
-@pytest.mark.parametrize("l,g,grouped,h0,extras,block_t,block_d,dtype,poison", [
-    pytest.param(197, 1, False, True, True, 64, 2, np.float32, True,
+@pytest.mark.parametrize("l,g,grouped,h0,extras,block_t,block_d,dtype,poison,gate_in", [
+    pytest.param(197, 1, False, True, True, 64, 2, np.float32, True, False,
                  id="l197-h0-DzB-t64-last-block-overlaps-poisoned"),
-    pytest.param(11, 2, True, True, True, 4, 2, np.float32, True, id="l11-g2G-h0-DzB-t4-poisoned"),
-    pytest.param(1, 1, False, False, False, 64, 2, np.float32, False, id="l1-t64"),
-    pytest.param(64, 2, False, False, True, 16, 1, np.float32, False, id="l64-g2-DzB-t16-d1"),
-    pytest.param(100, 1, False, True, True, 32, 2, jnp.bfloat16, False, id="l100-h0-DzB-bf16")])
+    pytest.param(37, 1, False, True, True, 16, 2, np.float32, False, True,
+                 id="l37-h0-DzB-t16-gate-in-kernel"),
+    pytest.param(11, 2, True, True, True, 4, 2, np.float32, True, False,
+                 id="l11-g2G-h0-DzB-t4-poisoned"),
+    pytest.param(1, 1, False, False, False, 64, 2, np.float32, False, False, id="l1-t64"),
+    pytest.param(64, 2, False, False, True, 16, 1, np.float32, False, False,
+                 id="l64-g2-DzB-t16-d1"),
+    pytest.param(100, 1, False, True, True, 32, 2, jnp.bfloat16, False, False,
+                 id="l100-h0-DzB-bf16")])
 def test_time_parallel_forward_matches_numpy_oracle(l, g, grouped, h0, extras, block_t, block_d,
-                                                   dtype, poison):
+                                                   dtype, poison, gate_in):
   # The undifferentiated forward with time scanned across threads (PallasConfig.time_parallel):
   # a length shorter than a block, whole blocks, a last block that overlaps the one before,
-  # groups, an initial state, no extras; y and the final state against the float64 oracle.
-  # Poisoned outputs show that every y element is written (the overlap's masked store too).
+  # groups, an initial state, no extras, the z gate inside the kernel; y and the final state
+  # against the float64 oracle. Poisoned outputs show that every y element is written (the
+  # overlap's masked store too).
   x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
   x = {k: jnp.asarray(v, dtype) for k, v in x.items()}
   names = [k for k in GRAD_NAMES if k in x]
   config = PallasConfig(chunk=4, time_parallel=True, tp_block_t=block_t, tp_block_d=block_d,
-                        poison_outputs=poison)
+                        poison_outputs=poison, gate_in_kernel=gate_in)
   scan = lambda *a: selective_scan_pallas(**dict(zip(names, a)), delta_softplus=True,
                                           return_final_state=True, config=config)
   args = [x[k] for k in names]
