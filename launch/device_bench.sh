@@ -3,7 +3,7 @@
 # (the lent H100 of our workplace), writing logs under $OUT (default ./out):
 #
 #   bash launch/gpu_wheels.sh --mamba-ssm --releases  # once, on a machine with network
-#   bash launch/device_bench.sh check sweep scan stream evim3 train_step vs_release profile
+#   bash launch/device_bench.sh check sweep sweep_tp scan stream evim3 train_step vs_release profile
 #
 # Steps run in the order given; each logs to $OUT/<step>.log and a failure does not stop the
 # others. The CUDA peers start building in the background at the beginning, side by side (each
@@ -62,6 +62,7 @@ for step in "$@"; do
   case $step in
     check) run check python3 -m vidssm_jax.bench.scan --check || model_backend=associative ;;
     sweep) run sweep python3 -m vidssm_jax.bench.scan --sweep ;;
+    sweep_tp) run sweep_tp python3 -m vidssm_jax.bench.scan --sweep-time-parallel ;;
     scan)
       if [[ -n "$build_pid" ]]; then
         wait "$build_pid"; echo "mamba_ssm build rc=$?"; tail -n 3 "$OUT/mamba_build.log"
