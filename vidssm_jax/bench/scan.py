@@ -891,9 +891,13 @@ def run_compile_only(backends, shape=SWEEP_SHAPE):
         print(f"  {backend:<8} {label:<40} failed: {_short_error(e)}")
         continue
       for name, s in stats:
-        print(f"  {backend:<8} {label:<40} {name:<4} {s['regs']:5d} {s['spill']:6d} "
-              f"{s['ex2']:5d} {s['shfl']:6d} {s['bar']:5d} {s['lines']:9d}")
+        _print_compiled(backend, label, name, s)
   _compile_time_parallel(TIME_PARALLEL_SHAPES[0][:4])
+
+
+def _print_compiled(backend: str, label: str, kernel: str, s: dict) -> None:
+  print(f"  {backend:<8} {label:<40} {kernel:<4} {s['regs']:5d} {s['spill']:6d} "
+        f"{s['ex2']:5d} {s['shfl']:6d} {s['bar']:5d} {s['lines']:9d}")
 
 
 def _compile_time_parallel(shape):
@@ -909,8 +913,7 @@ def _compile_time_parallel(shape):
     except Exception as e:
       print(f"  {'pallas':<8} {label:<40} failed: {_short_error(e)}")
       continue
-    print(f"  {'pallas':<8} {label:<40} {'fwd':<4} {s['regs']:5d} {s['spill']:6d} "
-          f"{s['ex2']:5d} {s['shfl']:6d} {s['bar']:5d} {s['lines']:9d}")
+    _print_compiled("pallas", label, "fwd", s)
 
 
 # --------------------------------------------------------------------------------------------

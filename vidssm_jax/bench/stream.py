@@ -69,12 +69,18 @@ def live_stream(model, variables, batch: int, state=None):
   return advance, frame, step
 
 
-def bench_step(model, variables, memory: int, batch: int, *, repeats: int, warmup: int) -> float:
-  """Seconds per ``step`` of ``batch`` streams with ``memory`` frames already seen."""
+def _stream_after(model, variables, memory: int, batch: int):
+  """``live_stream``'s ``advance`` for ``batch`` streams that have already seen ``memory``
+  frames (one ``forward_chunk`` call gives their state)."""
   chunk = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_chunk"))
   _, state = chunk(variables, _frames(jax.random.key(1), batch, memory, model.img_size),
-                   model.init_state(batch))  # the state after `memory` frames
-  advance, _, _ = live_stream(model, variables, batch, state)
+                   model.init_state(batch))
+  return live_stream(model, variables, batch, state)[0]
+
+
+def bench_step(model, variables, memory: int, batch: int, *, repeats: int, warmup: int) -> float:
+  """Seconds per ``step`` of ``batch`` streams with ``memory`` frames already seen."""
+  advance = _stream_after(model, variables, memory, batch)
   return _median_seconds(lambda: advance()[0], repeats=repeats, warmup=warmup)
 
 
@@ -82,10 +88,7 @@ def bench_back_to_back(model, variables, memory: int, *, frames: int = 60, repea
                        ) -> float:
   """Seconds per frame of a batch-1 stream with ``frames`` steps issued back to back and one
   synchronisation: the device's rate, with the host's dispatch hidden behind it."""
-  chunk = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_chunk"))
-  _, state = chunk(variables, _frames(jax.random.key(1), 1, memory, model.img_size),
-                   model.init_state(1))
-  advance, _, _ = live_stream(model, variables, 1, state)
+  advance = _stream_after(model, variables, memory, 1)
 
   def run():
     for _ in range(frames):

@@ -274,7 +274,7 @@ class _Spec:
   reverse: bool
   bwd_segments: int = 1  # the backward's own length split (``PallasConfig.bwd_segments``)
   time_parallel: bool = False  # the undifferentiated forward's kernel (``PallasConfig``)
-  tp_block_t: int = 32
+  tp_block_t: int = 32  # shrunk to a power of two within the length
   tp_block_d: int = 8
   tp_warps: int = 4
 
@@ -565,7 +565,7 @@ def _forward_tp_kernel(*refs, spec: _Spec, prefilled=()):
   its steps already done are identity steps (dt = 0) and are not stored again."""
   r = _unpack(refs, _input_names(spec, backward=False) + list(prefilled) + ["y", "h_last"])
   acc = r["h_last"].dtype
-  T, bd = min(spec.tp_block_t, _pow2_at_most(spec.l)), spec.tp_block_d
+  T, bd = spec.tp_block_t, spec.tp_block_d  # T: at most the length, a power of two
   rows = _Rows(r, spec, acc, bd)
   A2 = r["A"][rows.chans, :].astype(acc) * _LOG2E  # (bd, n)
   D = rows.channel_vector("D") if spec.has_D else None
@@ -1007,8 +1007,8 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
   fwd_block_d, fwd_warps = forward_block(b, d, g, n, config, split)
   bwd_segments = 1 if split else backward_segments_for(b, l, d, config)
   time_parallel = not split and time_parallel_for(b, d, reverse, config)
+  tp_block_t = min(config.tp_block_t, _pow2_at_most(l))
   tp_block_d = _block_for(d // g, config.tp_block_d)
-  tp_elements = min(config.tp_block_t, _pow2_at_most(l)) * tp_block_d * n
   return _Spec(
       b=b, l=l, d=d, g=g, n=n, chunk=config.chunk, fwd_block_d=fwd_block_d,
       bwd_block_d=_block_for(d // g, config.bwd_block_d),
@@ -1018,8 +1018,8 @@ def _make_spec(config: PallasConfig, b, l, d, g, n, D, z, bias, softplus, revers
       atomic_dbc=config.atomic_dbc, interpret=bool(interpret), poison=config.poison_outputs,
       has_D=D is not None, has_z=z is not None, has_bias=bias is not None, softplus=softplus,
       reverse=reverse, bwd_segments=bwd_segments, time_parallel=time_parallel,
-      tp_block_t=config.tp_block_t, tp_block_d=tp_block_d,
-      tp_warps=config.tp_num_warps or max(1, min(8, tp_elements // 1024)))
+      tp_block_t=tp_block_t, tp_block_d=tp_block_d,
+      tp_warps=config.tp_num_warps or max(1, min(8, tp_block_t * tp_block_d * n // 1024)))
 
 
 # The time-parallel forward (``time_parallel_for``) where the serial walk's programs shrink below
