@@ -7,7 +7,7 @@ import pytest
 
 from conftest import rel_err
 from vidssm_jax.models import create_model
-from vidssm_jax.stream import StreamingRunner, preprocess, read_video
+from vidssm_jax.stream import StreamingRunner, live_step, preprocess, read_video, unrolled
 
 av = pytest.importorskip("av")
 CFG = dict(img_size=32, patch_size=16, dim=32, depth=4)
@@ -81,6 +81,24 @@ def test_backbone_features_and_concurrent_streams(phase_model):
   clip = preprocess(jnp.asarray(frames).transpose(1, 0, 2, 3, 4), 32)
   whole = jax.jit(backbone.apply)(bvars, clip).mean(-2)
   assert rel_err(out.transpose(1, 0, 2), whole) <= 1e-4
+
+
+def test_step_compiled_for_the_weights_is_the_same_step(phase_model):
+  # live_step's fold_params: the variables as constants of an unrolled program, against the
+  # variables as an argument of the scanned one, over frames that carry a state.
+  model, variables = phase_model
+  assert unrolled(model).backbone.unroll_layers and not model.backbone.unroll_layers
+  frames = jax.random.normal(jax.random.key(3), (4, 2, 32, 32, 3))
+  outs = {}
+  for fold in (True, False):
+    step, state = live_step(model, variables, fold_params=fold), model.init_state(2)
+    outs[fold] = []
+    for frame in frames:
+      out, state = step(frame, state)
+      outs[fold].append(out)
+  assert outs[True][0].shape == (2, 5)
+  np.testing.assert_allclose(np.stack(outs[True]), np.stack(outs[False]), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(outs[True][0], outs[True][3])  # the frames differ, and so do the outputs
 
 
 def test_bad_files_raise_clear_errors(tmp_path, phase_model):

@@ -161,7 +161,7 @@ def build_stream(batch: int, small: bool, dtype, scan_backend: str) -> dict:
   variables = init_variables(model, model.img_size)
   advance, frame, step = live_stream(model, variables, batch)
   # the same program again, for its instruction names (XLA names them deterministically)
-  compiled = step.lower(variables, frame, model.init_state(batch)).compile()
+  compiled = step.lower(frame, model.init_state(batch)).compile()
   return dict(run=lambda frame: advance()[0], video=frame, compiled=compiled)
 
 

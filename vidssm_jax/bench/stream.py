@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidssm_jax.models import create_model
+from vidssm_jax.stream import live_step
 from vidssm_jax.train.sharding import fast_init_rng
 
 PAPER_FPS = 47.0  # EndoMamba's reported streaming speed
@@ -51,44 +52,46 @@ def _frames(key, batch, t, size):
   return jax.random.normal(key, (batch, t, size, size, 3), jnp.float32)
 
 
-def live_stream(model, variables, batch: int, state=None):
+def live_stream(model, variables, batch: int, state=None, fold_params: bool = True):
   """``batch`` live streams as every benchmark times them: ``(advance, frame, step)``.
 
-  ``step`` is the jitted ``model.apply(..., method="step")``; ``advance()`` runs it on one fixed
-  random ``frame (batch, H, W, 3)`` continuing from the state the call before returned (``state``
-  first, else ``init_state``) and returns ``(features, state)``.
+  ``step`` is ``vidssm_jax.stream.live_step`` (jitted; with ``fold_params`` compiled for these
+  variables); ``advance()`` runs it on one fixed random ``frame (batch, H, W, 3)`` continuing
+  from the state the call before returned (``state`` first, else ``init_state``) and returns
+  ``(features, state)``.
   """
-  step = jax.jit(lambda v, x, s: model.apply(v, x, s, method="step"))
+  step = live_step(model, variables, fold_params=fold_params)
   frame = _frames(jax.random.key(2), batch, 1, model.img_size)[:, 0]
   box = {"state": model.init_state(batch) if state is None else state}
 
   def advance():
-    out, box["state"] = step(variables, frame, box["state"])
+    out, box["state"] = step(frame, box["state"])
     return out, box["state"]
 
   return advance, frame, step
 
 
-def _stream_after(model, variables, memory: int, batch: int):
+def _stream_after(model, variables, memory: int, batch: int, fold_params: bool = True):
   """``live_stream``'s ``advance`` for ``batch`` streams that have already seen ``memory``
   frames (one ``forward_chunk`` call gives their state)."""
   chunk = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_chunk"))
   _, state = chunk(variables, _frames(jax.random.key(1), batch, memory, model.img_size),
                    model.init_state(batch))
-  return live_stream(model, variables, batch, state)[0]
+  return live_stream(model, variables, batch, state, fold_params)[0]
 
 
-def bench_step(model, variables, memory: int, batch: int, *, repeats: int, warmup: int) -> float:
+def bench_step(model, variables, memory: int, batch: int, *, repeats: int, warmup: int,
+               fold_params: bool = True) -> float:
   """Seconds per ``step`` of ``batch`` streams with ``memory`` frames already seen."""
-  advance = _stream_after(model, variables, memory, batch)
+  advance = _stream_after(model, variables, memory, batch, fold_params)
   return _median_seconds(lambda: advance()[0], repeats=repeats, warmup=warmup)
 
 
-def bench_back_to_back(model, variables, memory: int, *, frames: int = 60, repeats: int = 5
-                       ) -> float:
+def bench_back_to_back(model, variables, memory: int, *, frames: int = 60, repeats: int = 5,
+                       fold_params: bool = True) -> float:
   """Seconds per frame of a batch-1 stream with ``frames`` steps issued back to back and one
   synchronisation: the device's rate, with the host's dispatch hidden behind it."""
-  advance = _stream_after(model, variables, memory, 1)
+  advance = _stream_after(model, variables, memory, 1, fold_params)
 
   def run():
     for _ in range(frames):
@@ -129,6 +132,8 @@ def main(argv=None) -> dict:
                  help="time EndoMamba's step only (no recompute or ViT columns)")
   p.add_argument("--time-parallel", choices=["auto", "on", "off"], default="auto",
                  help="the Pallas scan's time-parallel forward (PallasConfig.time_parallel)")
+  p.add_argument("--fold-params", choices=["on", "off"], default="on",
+                 help="compile the step for the weights (vidssm_jax.stream.live_step)")
   p.add_argument("--small", action="store_true",
                  help="tiny models (img 64, dim 64, depth 4 / 2), T in 4 8 16, 4 streams: for CPU")
   args = p.parse_args(argv)
@@ -142,6 +147,7 @@ def main(argv=None) -> dict:
   mamba_kw = dict(img_size=args.img_size, dtype=dtype, scan_backend=args.scan_backend)
   vit_kw = dict(img_size=args.img_size, dtype=dtype, attention_impl=args.vit_attention)
   memory, streams, repeats = args.memory, args.streams, args.repeats
+  fold = args.fold_params == "on"
   if args.small:
     mamba_kw.update(img_size=64, dim=64, depth=4)
     vit_kw.update(img_size=64, dim=64, depth=2, num_heads=4)
@@ -152,14 +158,15 @@ def main(argv=None) -> dict:
   vit = create_model(args.vit, **vit_kw)
   mvars, vvars = _init(mamba, size), _init(vit, size)
   print(f"device: {jax.devices()[0].device_kind} ({platform}); compute {dtype.name}; "
-        f"{size}×{size}; batch 1; median of {repeats}")
+        f"{size}×{size}; batch 1; median of {repeats}; step compiled for the weights "
+        f"(fold_params): {args.fold_params}")
   print(f"command: python -m vidssm_jax.bench.stream {' '.join(argv or sys.argv[1:])}".rstrip())
   print(f"parameters: {args.model} {_count(mvars) / 1e6:.2f}M, {args.vit} "
         f"{_count(vvars) / 1e6:.2f}M")
 
   rows = []
   for t in memory:
-    step_s = bench_step(mamba, mvars, t, 1, repeats=repeats, warmup=args.warmup)
+    step_s = bench_step(mamba, mvars, t, 1, repeats=repeats, warmup=args.warmup, fold_params=fold)
     window_s = vit_s = float("nan")
     if not args.no_baselines:
       window_s = bench_window(mamba, mvars, t, repeats=repeats, warmup=args.warmup)
@@ -178,12 +185,13 @@ def main(argv=None) -> dict:
   flat = max(steps) / min(steps)
   step_fps = 1 / statistics.median(steps)
   print(f"step flatness (slowest/fastest over T): {flat:.2f} (target ≤ 1.1)")
-  b2b = bench_back_to_back(mamba, mvars, memory[0])
+  b2b = bench_back_to_back(mamba, mvars, memory[0], fold_params=fold)
   print(f"step at batch 1, 60 frames issued back to back (T = {memory[0]}): {b2b * 1e3:.3f} ms "
         f"per frame ({1 / b2b:.0f} FPS; the synced step above adds the host's dispatch)")
   print(f"step at batch 1: {step_fps:.0f} FPS = {step_fps / PAPER_FPS:.1f}× the paper's "
         f"{PAPER_FPS:.0f} FPS (target ≥ 10×; meaningful at 224² on GPU)")
-  batched = bench_step(mamba, mvars, memory[0], streams, repeats=repeats, warmup=args.warmup)
+  batched = bench_step(mamba, mvars, memory[0], streams, repeats=repeats, warmup=args.warmup,
+                       fold_params=fold)
   print(f"{streams} concurrent streams, one batched step: {batched * 1e3:.2f} ms per step, "
         f"{streams / batched:.0f} frames/s in total ({1 / batched:.0f} FPS per stream)")
   return {"rows": rows, "flatness": flat, "batched_s": batched, "streams": streams}

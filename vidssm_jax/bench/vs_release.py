@@ -281,7 +281,8 @@ def ours_endomamba_stream(batch: int, history: int, frames: int, dtype=None,
   out, _ = one()
   return dict(ms=ms, mem_gib=_jax_peak_gib(), batch=batch, compile_s=compile_s,
               feature_mean=float(jnp.mean(jnp.abs(out.astype(jnp.float32)))),
-              what=f"jax {jax.__version__} on {jax.default_backend()}, jitted step, scan "
+              what=f"jax {jax.__version__} on {jax.default_backend()}, jitted step compiled "
+                   f"for the weights (live_step), scan "
                    f"backend auto, T={history}")
 
 
