@@ -90,15 +90,17 @@ def test_step_compiled_for_the_weights_is_the_same_step(phase_model):
   assert unrolled(model).backbone.unroll_layers and not model.backbone.unroll_layers
   frames = jax.random.normal(jax.random.key(3), (4, 2, 32, 32, 3))
   outs = {}
-  for fold in (True, False):
-    step, state = live_step(model, variables, fold_params=fold), model.init_state(2)
-    outs[fold] = []
+  for fold, unroll in ((True, None), (False, None), (True, False), (False, True)):
+    step = live_step(model, variables, fold_params=fold, unroll_layers=unroll)
+    state, outs[fold, unroll] = model.init_state(2), []
     for frame in frames:
       out, state = step(frame, state)
-      outs[fold].append(out)
-  assert outs[True][0].shape == (2, 5)
-  np.testing.assert_allclose(np.stack(outs[True]), np.stack(outs[False]), rtol=1e-5, atol=1e-5)
-  assert not np.allclose(outs[True][0], outs[True][3])  # the frames differ, and so do the outputs
+      outs[fold, unroll].append(out)
+  base = np.stack(outs[False, None])
+  assert base.shape == (4, 2, 5)
+  for key, got in outs.items():
+    np.testing.assert_allclose(np.stack(got), base, rtol=1e-5, atol=1e-5, err_msg=str(key))
+  assert not np.allclose(base[0], base[3])  # the frames differ, and so do the outputs
 
 
 def test_bad_files_raise_clear_errors(tmp_path, phase_model):

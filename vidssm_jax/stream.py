@@ -93,7 +93,8 @@ def unrolled(model):
 
 
 def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = None,
-              prepare: Optional[Callable[[Array], Array]] = None, fold_params: bool = True):
+              prepare: Optional[Callable[[Array], Array]] = None, fold_params: bool = True,
+              unroll_layers: Optional[bool] = None):
   """One live frame of ``model`` as one jitted program: ``step(frames, state) -> (out, state)``,
   ``prepare`` (e.g. resizing) before the model's ``step`` and ``head`` after it; the state is
   donated (updated in place) on GPU and TPU.
@@ -107,12 +108,14 @@ def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = No
   parameters inside the executable. Measured on one H100 (EndoMamba-S, bf16, batch 1, one run):
   synced frame 1.689 ms as before -> 1.528 constants only -> 1.458 unrolled only -> 1.283 both;
   60 frames back to back 1.251 -> 1.178 -> 1.048 -> 0.973 ms a frame. ``False``: the variables
-  are an argument of the step (new weights need no new compile).
+  are an argument of the step (new weights need no new compile). ``unroll_layers``: unroll the
+  stacks or not whatever ``fold_params`` says (``None``: as ``fold_params``; for ablations).
   """
   donate = (1,) if jax.default_backend() != "cpu" else ()  # (not implemented on CPU)
   prepare = prepare or (lambda frames: frames)
   head = head or (lambda out: out)
-  net = unrolled(model) if fold_params else model
+  unroll = fold_params if unroll_layers is None else unroll_layers
+  net = unrolled(model) if unroll else model
 
   def step(variables, frames, state):
     out, state = net.apply(variables, prepare(frames), state, method="step")

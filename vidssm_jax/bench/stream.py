@@ -52,15 +52,21 @@ def _frames(key, batch, t, size):
   return jax.random.normal(key, (batch, t, size, size, 3), jnp.float32)
 
 
-def live_stream(model, variables, batch: int, state=None, fold_params: bool = True):
+# --fold-params: live_step's two parts together, apart, or neither (fold_params, unroll_layers)
+FOLD_VARIANTS = {"on": (True, True), "off": (False, False), "constants": (True, False),
+                 "unrolled": (False, True)}
+
+
+def live_stream(model, variables, batch: int, state=None, fold_params: str = "on"):
   """``batch`` live streams as every benchmark times them: ``(advance, frame, step)``.
 
-  ``step`` is ``vidssm_jax.stream.live_step`` (jitted; with ``fold_params`` compiled for these
-  variables); ``advance()`` runs it on one fixed random ``frame (batch, H, W, 3)`` continuing
-  from the state the call before returned (``state`` first, else ``init_state``) and returns
-  ``(features, state)``.
+  ``step`` is ``vidssm_jax.stream.live_step`` (jitted; ``fold_params`` one of
+  ``FOLD_VARIANTS``: "on" compiles it for these variables); ``advance()`` runs it on one fixed
+  random ``frame (batch, H, W, 3)`` continuing from the state the call before returned
+  (``state`` first, else ``init_state``) and returns ``(features, state)``.
   """
-  step = live_step(model, variables, fold_params=fold_params)
+  fold, unroll = FOLD_VARIANTS[fold_params]
+  step = live_step(model, variables, fold_params=fold, unroll_layers=unroll)
   frame = _frames(jax.random.key(2), batch, 1, model.img_size)[:, 0]
   box = {"state": model.init_state(batch) if state is None else state}
 
@@ -71,7 +77,7 @@ def live_stream(model, variables, batch: int, state=None, fold_params: bool = Tr
   return advance, frame, step
 
 
-def _stream_after(model, variables, memory: int, batch: int, fold_params: bool = True):
+def _stream_after(model, variables, memory: int, batch: int, fold_params: str = "on"):
   """``live_stream``'s ``advance`` for ``batch`` streams that have already seen ``memory``
   frames (one ``forward_chunk`` call gives their state)."""
   chunk = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_chunk"))
@@ -81,14 +87,14 @@ def _stream_after(model, variables, memory: int, batch: int, fold_params: bool =
 
 
 def bench_step(model, variables, memory: int, batch: int, *, repeats: int, warmup: int,
-               fold_params: bool = True) -> float:
+               fold_params: str = "on") -> float:
   """Seconds per ``step`` of ``batch`` streams with ``memory`` frames already seen."""
   advance = _stream_after(model, variables, memory, batch, fold_params)
   return _median_seconds(lambda: advance()[0], repeats=repeats, warmup=warmup)
 
 
 def bench_back_to_back(model, variables, memory: int, *, frames: int = 60, repeats: int = 5,
-                       fold_params: bool = True) -> float:
+                       fold_params: str = "on") -> float:
   """Seconds per frame of a batch-1 stream with ``frames`` steps issued back to back and one
   synchronisation: the device's rate, with the host's dispatch hidden behind it."""
   advance = _stream_after(model, variables, memory, 1, fold_params)
@@ -132,8 +138,9 @@ def main(argv=None) -> dict:
                  help="time EndoMamba's step only (no recompute or ViT columns)")
   p.add_argument("--time-parallel", choices=["auto", "on", "off"], default="auto",
                  help="the Pallas scan's time-parallel forward (PallasConfig.time_parallel)")
-  p.add_argument("--fold-params", choices=["on", "off"], default="on",
-                 help="compile the step for the weights (vidssm_jax.stream.live_step)")
+  p.add_argument("--fold-params", choices=list(FOLD_VARIANTS), default="on",
+                 help="compile the step for the weights (vidssm_jax.stream.live_step): on, off, "
+                      "or one of its two parts (the variables as constants; the stacks unrolled)")
   p.add_argument("--small", action="store_true",
                  help="tiny models (img 64, dim 64, depth 4 / 2), T in 4 8 16, 4 streams: for CPU")
   args = p.parse_args(argv)
@@ -147,7 +154,7 @@ def main(argv=None) -> dict:
   mamba_kw = dict(img_size=args.img_size, dtype=dtype, scan_backend=args.scan_backend)
   vit_kw = dict(img_size=args.img_size, dtype=dtype, attention_impl=args.vit_attention)
   memory, streams, repeats = args.memory, args.streams, args.repeats
-  fold = args.fold_params == "on"
+  fold = args.fold_params
   if args.small:
     mamba_kw.update(img_size=64, dim=64, depth=4)
     vit_kw.update(img_size=64, dim=64, depth=2, num_heads=4)
