@@ -3,6 +3,8 @@ test_selective_scan.py and the reverse-mode oracle of bench.scan, checked here a
 differences), on the core tests' awkward
 cases, forward and every gradient; the CUDA lowering of every kernel variant; the registry."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,16 +68,22 @@ def _case_id(c):
 
 # float32 on every case; bfloat16 on three lengths (the casts do not depend on the length).
 BF16_CASES = [CASES[1], CASES[4], CASES[7]]
-PARAMS = ([pytest.param(c, np.float32, 1e-5, id=_case_id(c) + "-f32") for c in CASES] +
-          [pytest.param(c, jnp.bfloat16, 2e-2, id=_case_id(c) + "-bf16") for c in BF16_CASES])
+# (and once with B and C cast to float32 before the kernels, PallasConfig.bc_float32)
+BC32_CONFIG = dataclasses.replace(TEST_CONFIG, bc_float32=True)
+PARAMS = ([pytest.param(c, np.float32, 1e-5, TEST_CONFIG, id=_case_id(c) + "-f32")
+           for c in CASES] +
+          [pytest.param(c, jnp.bfloat16, 2e-2, TEST_CONFIG, id=_case_id(c) + "-bf16")
+           for c in BF16_CASES] +
+          [pytest.param(CASES[4], jnp.bfloat16, 2e-2, BC32_CONFIG,
+                        id=_case_id(CASES[4]) + "-bf16-bc32")])
 
 
-@pytest.mark.parametrize("case,dtype,tol", PARAMS)
-def test_forward_and_gradients_match_numpy_oracle(case, dtype, tol):
+@pytest.mark.parametrize("case,dtype,tol,config", PARAMS)
+def test_forward_and_gradients_match_numpy_oracle(case, dtype, tol, config):
   l, g, grouped, reverse, h0, extras = case
   x = make_inputs(l * 10 + g, 2, l, 6, 5, g, grouped_dims=grouped, extras=extras, h0=h0)
   x = {k: jnp.asarray(v, dtype) for k, v in x.items()}
-  y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=TEST_CONFIG, ct_seed=l)
+  y, h, grads, ct_y, ct_h = _run(x, reverse=reverse, config=config, ct_seed=l)
   assert y.dtype == dtype and y.shape == x["u"].shape
   assert h.dtype == jnp.float32 and h.shape == (2, 6, 5)
   ref = {k: np.asarray(v, np.float64) for k, v in x.items()}
@@ -412,6 +420,8 @@ LOWERING_VARIANTS = {
     "time-parallel": dict(h0=True, dtype=jnp.bfloat16,
                           config=PallasConfig(chunk=4, time_parallel=True)),
     "walk": dict(h0=True, config=PallasConfig(chunk=4, time_parallel=False)),
+    # bf16 u, delta, z with float32 B and C (PallasConfig.bc_float32)
+    "bc-float32": dict(dtype=jnp.bfloat16, config=PallasConfig(chunk=4, bc_float32=True)),
 }
 
 

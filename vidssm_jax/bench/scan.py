@@ -660,7 +660,7 @@ def sweep_variants():
              dict(bwd_recompute_decay=False),
              dict(atomic_dbc=True), dict(bwd_block_d=8, atomic_dbc=True),
              dict(bwd_fast_math=False), dict(gate_in_kernel=True),
-             dict(gate_in_kernel=True, bwd_fast_math=False)]
+             dict(gate_in_kernel=True, bwd_fast_math=False), dict(bc_float32=True)]
   out = []
   for change in changes:
     label = ",".join(f"{k}={v}" for k, v in change.items()) or "default"
@@ -669,7 +669,8 @@ def sweep_variants():
 
 
 # The config fields the forward kernel depends on: variants equal in these share its timing.
-_FORWARD_FIELDS = ("block_d", "num_warps", "chunk", "prefetch", "num_stages", "gate_in_kernel")
+_FORWARD_FIELDS = ("block_d", "num_warps", "chunk", "prefetch", "num_stages", "gate_in_kernel",
+                   "bc_float32")
 
 
 def run_sweep(backends, dtypes, shape=SWEEP_SHAPE):

@@ -145,6 +145,12 @@ class PallasConfig:
     tp_block_d: channels per program of the time-parallel forward (a power of two).
     tp_num_warps: warps per program of the time-parallel forward; ``None``: one per 1024
       elements of a block's ``(tp_block_t, tp_block_d, n)`` state, 32 per thread.
+    bc_float32: B and C enter the kernels in float32 (XLA casts them before the kernels; exact,
+      and their gradients come back in their own dtype), so the kernels do not convert every
+      value they load (one PRMT or SHF instruction each in bf16). Offline (triton 3.6's
+      ``ptxas`` for sm_90, the forward at (4, 8192, 1536, 16) bf16): 696 -> 544 SASS
+      instructions, 72 -> 128 registers. Not yet timed on a GPU (``bench.scan --sweep`` has the
+      variant), so off by default.
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -167,6 +173,7 @@ class PallasConfig:
   tp_block_t: int = 32
   tp_block_d: int = 8
   tp_num_warps: Optional[int] = None
+  bc_float32: bool = False
 
   def __post_init__(self):
     for name in ("block_d", "chunk", "bwd_block_d", "tp_block_t", "tp_block_d"):
@@ -987,6 +994,8 @@ def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, r
   if n_pad != n:  # zero columns of A, B, C: the padded states stay zero and add nothing
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)])
     A, B, C, h0 = pad(A), pad(B), pad(C), pad(h0)
+  if config.bc_float32:
+    B, C = B.astype(h0.dtype), C.astype(h0.dtype)
   scan = functools.partial(_whole_scan, config)
   segments = segments_for(b, l, d, config)
   if segments > 1:
