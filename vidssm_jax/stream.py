@@ -108,10 +108,11 @@ def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = No
   parameters inside the executable. Measured on one H100 (EndoMamba-S, bf16, batch 1, one run):
   synced frame 1.689 ms as before -> 1.528 constants only -> 1.458 unrolled only -> 1.283 both;
   60 frames back to back 1.251 -> 1.178 -> 1.048 -> 0.973 ms a frame. ``False``: the variables
-  are an argument of the step (new weights need no new compile). ``unroll_layers``: unroll the
+  are an argument of the jitted step (new weights need no new compile), which the returned
+  function passes on every call. ``unroll_layers``: unroll the
   stacks or not whatever ``fold_params`` says (``None``: as ``fold_params``; for ablations).
   """
-  donate = (1,) if jax.default_backend() != "cpu" else ()  # (not implemented on CPU)
+  donate = jax.default_backend() != "cpu"  # donation is not implemented on CPU
   prepare = prepare or (lambda frames: frames)
   head = head or (lambda out: out)
   unroll = fold_params if unroll_layers is None else unroll_layers
@@ -122,8 +123,9 @@ def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = No
     return head(out), state
 
   if fold_params:
-    return jax.jit(lambda frames, state: step(variables, frames, state), donate_argnums=donate)
-  jitted = jax.jit(step, donate_argnums=tuple(i + 1 for i in donate))
+    return jax.jit(lambda frames, state: step(variables, frames, state),
+                   donate_argnums=(1,) if donate else ())
+  jitted = jax.jit(step, donate_argnums=(2,) if donate else ())
   return lambda frames, state: jitted(variables, frames, state)
 
 
@@ -149,7 +151,7 @@ class StreamingRunner:
     if not (hasattr(model, "init_state") and hasattr(model, "step")):
       raise ValueError(f"StreamingRunner: {type(model).__name__} has no init_state/step; use an "
                        "EndoMamba backbone or a model built with head='phase'")
-    self.model, self.variables, self.head, self.progress = model, variables, head, progress
+    self.model, self.progress = model, progress
     self.img_size = getattr(model, "img_size", None) or model.backbone.img_size
     self.state = None
     self._step = live_step(model, variables, head=head, fold_params=fold_params,
