@@ -409,3 +409,26 @@ def test_fine_tuning_loads_a_pretraining_backbone_as_the_release():
   np.testing.assert_array_equal(params["temporal_blocks"]["mixer"]["in_proj"]["kernel"],
                                 old["temporal_blocks"]["mixer"]["in_proj"]["kernel"])
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, new)
+
+
+@pytest.mark.parametrize("n,h,w,c,p", [(1, 16, 16, 3, 16), (3, 8, 12, 1, 4), (2, 6, 4, 5, 2)])
+def test_patch_embed_is_the_strided_conv(n, h, w, c, p):
+  """PatchEmbed's GEMM of flattened patches equals a p × p conv with stride p (float64 NumPy,
+  kernel (p, p, C, dim)), on one patch, non-square grids and odd channel counts."""
+  from vidssm_jax.models.endomamba import PatchEmbed
+  dim = 7
+  layer = PatchEmbed(dim, p, jnp.float32, kernel_init=nn.initializers.normal(1.0),
+                     bias_init=nn.initializers.normal(1.0))
+  frames = jax.random.normal(jax.random.key(0), (n, h, w, c))
+  variables = layer.init(jax.random.key(1), frames)
+  got = np.asarray(layer.apply(variables, frames))
+  kernel = np.asarray(variables["params"]["kernel"], np.float64)
+  bias = np.asarray(variables["params"]["bias"], np.float64)
+  x = np.asarray(frames, np.float64)
+  want = np.zeros((n, h // p, w // p, dim))
+  for i in range(h // p):
+    for j in range(w // p):
+      window = x[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :]  # (n, p, p, c)
+      want[:, i, j] = np.einsum("nabc,abcd->nd", window, kernel) + bias
+  assert got.shape == (n, (h // p) * (w // p), dim)
+  assert rel_err(got, want.reshape(n, -1, dim)) < 1e-6

@@ -90,13 +90,17 @@ def test_step_compiled_for_the_weights_is_the_same_step(phase_model):
   assert unrolled(model).backbone.unroll_layers and not model.backbone.unroll_layers
   frames = jax.random.normal(jax.random.key(3), (4, 2, 32, 32, 3))
   outs = {}
-  for fold, unroll in ((True, None), (False, None), (True, False), (False, True)):
-    step = live_step(model, variables, fold_params=fold, unroll_layers=unroll)
-    state, outs[fold, unroll] = model.init_state(2), []
+  # (the last: XLA options for the step alone, passed through to its compile)
+  for fold, unroll, options in ((True, None, None), (False, None, None), (True, False, None),
+                                (False, True, None), (True, None, {"xla_gpu_enable_pdl": True})):
+    step = live_step(model, variables, fold_params=fold, unroll_layers=unroll,
+                     compiler_options=options)
+    key = (fold, unroll, bool(options))
+    state, outs[key] = model.init_state(2), []
     for frame in frames:
       out, state = step(frame, state)
-      outs[fold, unroll].append(out)
-  base = np.stack(outs[False, None])
+      outs[key].append(out)
+  base = np.stack(outs[False, None, False])
   assert base.shape == (4, 2, 5)
   for key, got in outs.items():
     np.testing.assert_allclose(np.stack(got), base, rtol=1e-5, atol=1e-5, err_msg=str(key))

@@ -94,7 +94,7 @@ def unrolled(model):
 
 def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = None,
               prepare: Optional[Callable[[Array], Array]] = None, fold_params: bool = True,
-              unroll_layers: Optional[bool] = None):
+              unroll_layers: Optional[bool] = None, compiler_options: Optional[dict] = None):
   """One live frame of ``model`` as one jitted program: ``step(frames, state) -> (out, state)``,
   ``prepare`` (e.g. resizing) before the model's ``step`` and ``head`` after it; the state is
   donated (updated in place) on GPU and TPU.
@@ -111,6 +111,8 @@ def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = No
   are an argument of the jitted step (new weights need no new compile), which the returned
   function passes on every call. ``unroll_layers``: unroll the
   stacks or not whatever ``fold_params`` says (``None``: as ``fold_params``; for ablations).
+  ``compiler_options``: XLA options for this program alone (``jax.jit``'s), e.g.
+  ``{"xla_gpu_enable_pdl": True}``; the names are XLA's ``DebugOptions`` fields of the backend.
   """
   donate = jax.default_backend() != "cpu"  # donation is not implemented on CPU
   prepare = prepare or (lambda frames: frames)
@@ -122,10 +124,11 @@ def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = No
     out, state = net.apply(variables, prepare(frames), state, method="step")
     return head(out), state
 
+  options = dict(compiler_options=compiler_options) if compiler_options else {}
   if fold_params:
     return jax.jit(lambda frames, state: step(variables, frames, state),
-                   donate_argnums=(1,) if donate else ())
-  jitted = jax.jit(step, donate_argnums=(2,) if donate else ())
+                   donate_argnums=(1,) if donate else (), **options)
+  jitted = jax.jit(step, donate_argnums=(2,) if donate else (), **options)
   return lambda frames, state: jitted(variables, frames, state)
 
 
