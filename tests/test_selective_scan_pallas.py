@@ -261,6 +261,14 @@ def test_automatic_segments_by_shape():
   assert segments_for(1, 3136, 768, config) == 16    # segments keep >= 128 steps
   assert segments_for(1, 197, 768, config) == 1      # too short to split (streaming)
   assert segments_for(1, 3136, 768, PallasConfig(segments=1)) == 1  # forced: no split
+  # float32 inputs: split to half as many programs (1536), the bf16 choice halved or the same
+  f32 = jnp.float32
+  assert segments_for(4, 33635, 384, config, f32) == 8
+  assert segments_for(4, 13571, 384, config, f32) == 8
+  assert segments_for(8, 5553, 384, config, f32) == 4
+  assert segments_for(1, 3136, 768, config, f32) == 16   # 96 programs to 1536
+  assert segments_for(4, 33635, 384, config, jnp.bfloat16) == 16
+  assert segments_for(8, 1568, 768, config, f32) == 1
   # Channels and warps per program of the segments: 16 on one warp from 1536 such programs.
   assert forward_block(4 * 16, 384, 1, 16, config, split=True) == (16, 1)
   assert forward_block(1 * 16, 768, 1, 16, config, split=True) == (32, 4)

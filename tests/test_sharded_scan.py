@@ -48,7 +48,11 @@ SCRIPT = textwrap.dedent('''
         sharded = jax.jit(under_mesh(value_and_grad, mesh),
                           in_shardings=(shardings, batch_sharding(mesh))).lower(p, v).compile(fast)
         got_loss, got_grads = sharded(p, v)
-        err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        # Each leaf against its own scale, floored at 1/1000 of the largest gradient: a leaf near
+        # zero by cancellation (EndoMamba's A_log here is 4e-12, its patch embedding's 6e-6,
+        # beside 0.25) only shows the float32 rounding of another summation order.
+        scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(ref_grads))
+        err = max(float(jnp.max(jnp.abs(a - b))) / max(float(jnp.max(jnp.abs(b))), 1e-3 * scale)
                   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)))
         inside, outside = pallas_calls_outside_shard_map(
             jax.make_jaxpr(under_mesh(value_and_grad, mesh))(params, video))

@@ -423,7 +423,7 @@ def _print_rows(shape, dtype, names, results, bandwidth, peer_label):
     label = peer_label if name == "torch" else name
     if name in ("pallas", "pallas-s1"):
       from vidssm_jax.ops.selective_scan_pallas import segments_for
-      label = f"{name} (segments {segments_for(b, l, d, _pallas_config(name))})"
+      label = f"{name} (segments {segments_for(b, l, d, _pallas_config(name), dtype)})"
     if isinstance(r, str):
       print(f"  {label:<40} failed: {r}")
     elif r is not None:
@@ -718,7 +718,6 @@ def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP, backward_only: bool 
   from vidssm_jax.ops.selective_scan_pallas import (DEFAULT_CONFIG, backward_segments_for,
                                                     segments_for)
   field = "bwd_segments" if backward_only else "segments"
-  choose = backward_segments_for if backward_only else segments_for
   for dtype in dtypes:
     jobs, inputs = {}, {}
     for shape in shapes:
@@ -741,7 +740,8 @@ def run_segment_sweep(shapes, dtypes, values=SEGMENT_SWEEP, backward_only: bool 
           f"{time.perf_counter() - start:.0f} s; ms (* automatic choice, < fastest)", flush=True)
     for shape in shapes:
       dims, _ = _split_shape(shape)
-      auto = choose(dims[0], dims[1], dims[2], DEFAULT_CONFIG)
+      auto = (backward_segments_for(*dims[:3], DEFAULT_CONFIG) if backward_only
+              else segments_for(*dims[:3], DEFAULT_CONFIG, dtype))
       row = {}
       for (s_, value, mode), fn in compiled.items():
         if s_ == shape:

@@ -149,8 +149,11 @@ class PallasConfig:
       and their gradients come back in their own dtype), so the kernels do not convert every
       value they load (one PRMT or SHF instruction each in bf16). Offline (triton 3.6's
       ``ptxas`` for sm_90, the forward at (4, 8192, 1536, 16) bf16): 696 -> 544 SASS
-      instructions, 72 -> 128 registers. Not yet timed on a GPU (``bench.scan --sweep`` has the
-      variant), so off by default.
+      instructions, 72 -> 128 registers. It lost on the GPU, so it stays off: on one H100 (jax
+      0.11.2, stop 31) the forward at that shape took 1.446 against 1.139 ms (``bench.scan
+      --sweep``), and of the few-row long forwards only (1, 3136, 768, 16) float32 was not slower
+      (0.122 against 0.125 ms); (4, 13571 | 33635, 384, 16) bf16 0.700 / 1.668 against 0.601 /
+      1.435 ms.
   """
   block_d: Optional[int] = None
   chunk: int = 8
@@ -997,7 +1000,7 @@ def pallas_backend(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus, r
   if config.bc_float32:
     B, C = B.astype(h0.dtype), C.astype(h0.dtype)
   scan = functools.partial(_whole_scan, config)
-  segments = segments_for(b, l, d, config)
+  segments = segments_for(b, l, d, config, u.dtype)
   if segments > 1:
     scan = functools.partial(_segmented_scan, config, segments)
   y, h_last = scan(u, delta, A, B, C, D, z, delta_bias, h0, softplus=bool(delta_softplus),
@@ -1083,14 +1086,24 @@ def _whole_scan(config, u, delta, A, B, C, D, z, bias, h0, *, softplus, reverse)
 # stream's (1, 197, 768) scan took 0.076 ms in 2 segments against 0.059 ms in one.
 _FULL_PROGRAMS = 768
 _SPLIT_PROGRAMS = 3072
+# In float32 the split pays up to half as many programs. On one H100 (jax 0.11.2, stop 31,
+# `bench.scan --sweep-segments --dtypes float32`, forward / forward + backward ms), the split
+# below 1536 programs against the one below 3072: (4, 13571, 384) 8 segments 0.782 / 2.323
+# against 16 0.921 / 2.438; (4, 33635, 384) 8: 1.838 / 5.572 against 16: 2.124 / 5.860;
+# (8, 5553, 384) 4: 0.631 / 1.892 against 8: 0.735 / 1.998; (1, 3136, 768) 16 either way
+# (0.118 / 0.324; 8 segments 0.119 / 0.396). In bfloat16 the 3072 held: (4, 13571 | 33635, 384)
+# forward in 8 segments 0.705 / 1.681 against 0.601 / 1.435 ms in 16.
+_SPLIT_PROGRAMS_FLOAT32 = 1536
 
 
-def segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
+def segments_for(b: int, l: int, d: int, config: PallasConfig, dtype=None) -> int:
   """Segments of the length-parallel scan for a ``(b, l, d)`` scan under ``config`` (1: none).
 
   Automatic (``config.segments=None``): none when ``b · d / 8`` programs reach
   ``_FULL_PROGRAMS``; otherwise doubles while ``b · segments · d / 8`` stays under
-  ``_SPLIT_PROGRAMS`` and every segment keeps at least ``config.segment_min_length`` steps.
+  ``_SPLIT_PROGRAMS`` (``_SPLIT_PROGRAMS_FLOAT32`` for 4-byte inputs, ``dtype`` of u; ``None``:
+  2-byte) and every segment keeps at least ``config.segment_min_length`` steps. The float32
+  choice is the 2-byte one halved or the same, so a length native to the one is to the other.
   """
   if config.segments is not None:
     return config.segments
@@ -1098,7 +1111,9 @@ def segments_for(b: int, l: int, d: int, config: PallasConfig) -> int:
   segments = 1
   if programs >= _FULL_PROGRAMS:
     return segments
-  while (programs * segments < _SPLIT_PROGRAMS
+  most = _SPLIT_PROGRAMS_FLOAT32 if dtype is not None and jnp.dtype(dtype).itemsize >= 4 \
+      else _SPLIT_PROGRAMS
+  while (programs * segments < most
          and l // (2 * segments) >= config.segment_min_length):
     segments *= 2
   return segments
