@@ -105,6 +105,10 @@ def test_step_compiled_for_the_weights_is_the_same_step(phase_model):
   for key, got in outs.items():
     np.testing.assert_allclose(np.stack(got), base, rtol=1e-5, atol=1e-5, err_msg=str(key))
   assert not np.allclose(base[0], base[3])  # the frames differ, and so do the outputs
+  # The options do reach the step's compile: a name XLA does not know is refused there.
+  unknown = live_step(model, variables, compiler_options={"no_such_xla_option": True})
+  with pytest.raises(Exception, match="no_such_xla_option"):
+    unknown(frames[0], model.init_state(2))
 
 
 def test_bad_files_raise_clear_errors(tmp_path, phase_model):

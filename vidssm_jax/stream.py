@@ -124,11 +124,10 @@ def live_step(model, variables, *, head: Optional[Callable[[Array], Array]] = No
     out, state = net.apply(variables, prepare(frames), state, method="step")
     return head(out), state
 
-  options = dict(compiler_options=compiler_options) if compiler_options else {}
   if fold_params:
     return jax.jit(lambda frames, state: step(variables, frames, state),
-                   donate_argnums=(1,) if donate else (), **options)
-  jitted = jax.jit(step, donate_argnums=(2,) if donate else (), **options)
+                   donate_argnums=(1,) if donate else (), compiler_options=compiler_options)
+  jitted = jax.jit(step, donate_argnums=(2,) if donate else (), compiler_options=compiler_options)
   return lambda frames, state: jitted(variables, frames, state)
 
 

@@ -41,6 +41,7 @@ Array = jax.Array
 Dtype = Any
 
 INTERMEDIATES = ("mixer", "residual")
+WEIGHT_INITS = ("release", "mamba")
 
 
 class PatchEmbed(nn.Module):
@@ -50,7 +51,9 @@ class PatchEmbed(nn.Module):
   C, dim)``, ``bias (dim,)``, the same initialisation), computed as one GEMM of the flattened
   patches (``patchify`` orders a patch's pixels ``(p, p, C)``, as the kernel is laid out). The
   same sum as the strided convolution, which on a GPU goes to cuDNN: for one 224² frame of a live
-  stream that took 56 µs of a 1 ms frame on an H100 (`bench.profile --stream`, stop 31).
+  stream that took 56 µs of a 1 ms frame on an H100 (`bench.profile --stream`, stop 31); as a
+  GEMM the frame went from 0.991 to 0.858 ms back to back and 1.30-1.50 to 1.14 ms synced (one
+  run, both steps; README, "The patch embedding as a GEMM").
   """
 
   dim: int
@@ -68,7 +71,6 @@ class PatchEmbed(nn.Module):
     patches = patchify(frames[:, None], p)[:, 0]  # (N, H/p · W/p, p·p·C)
     y = jnp.dot(patches.astype(self.dtype), kernel.reshape(p * p * c, self.dim).astype(self.dtype))
     return y + bias.astype(self.dtype)
-WEIGHT_INITS = ("release", "mamba")
 
 
 def release_normal():

@@ -1111,8 +1111,8 @@ def segments_for(b: int, l: int, d: int, config: PallasConfig, dtype=None) -> in
   segments = 1
   if programs >= _FULL_PROGRAMS:
     return segments
-  most = _SPLIT_PROGRAMS_FLOAT32 if dtype is not None and jnp.dtype(dtype).itemsize >= 4 \
-      else _SPLIT_PROGRAMS
+  wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
+  most = _SPLIT_PROGRAMS_FLOAT32 if wide else _SPLIT_PROGRAMS
   while (programs * segments < most
          and l // (2 * segments) >= config.segment_min_length):
     segments *= 2
